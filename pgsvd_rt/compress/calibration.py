@@ -1,0 +1,152 @@
+"""Calibration: Gram matrices ``G = Σ x xᵀ`` of every distinct linear input, in one dense pass.
+
+Layers that read the same tensor (q/k/v of a block; gate/up) share one Gram, so a hook sits on
+one representative module per input. The forward runs in the model's dtype (fp32 for the
+embedded model); each batch's ``XᵀX`` is a float32 GEMM over at most ``batch_size × seq_len``
+tokens and the running sum across batches is kept in float64. Padding tokens (attention mask 0)
+are excluded. Only the decoder backbone runs (no lm_head, whose logits would dominate memory).
+
+Memory is bounded by ``blocks_per_pass``: Grams of that many blocks are held at once and the
+forward stops after the last block of the pass (one partial forward per pass).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pgsvd_rt.models import LinearSpec, decoder_layers
+
+log = logging.getLogger("pgsvd_rt")
+
+
+@dataclass
+class InputStats:
+    """Statistics of one linear input over the calibration tokens.
+
+    Attributes:
+        gram: (M, M) float64, ``Σ x xᵀ`` (uncentred).
+        abs_sum: (M,) float64, ``Σ |x|`` per channel (ASVD's scaling).
+        tokens: number of tokens accumulated.
+    """
+
+    gram: torch.Tensor
+    abs_sum: torch.Tensor
+    tokens: int = 0
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.tokens, 1)
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a partial forward after the last block of a pass."""
+
+
+def collect_stats(
+    model: nn.Module,
+    specs: list[LinearSpec],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    batch_size: int = 4,
+    blocks_per_pass: int | None = None,
+    progress: bool = True,
+) -> dict[str, InputStats]:
+    """Accumulate :class:`InputStats` for every ``input_key`` of ``specs``.
+
+    Args:
+        model: the dense (uncompressed) causal LM, LLaMA layout.
+        specs: compressible linears, from :func:`pgsvd_rt.models.linear_specs`.
+        input_ids: (S, L) int64 calibration sequences.
+        attention_mask: (S, L) 0/1, or None (no padding).
+        batch_size: sequences per forward.
+        blocks_per_pass: decoder blocks whose Grams are held at once (None: all).
+
+    Returns:
+        input_key -> InputStats (float64, on the CPU).
+
+    Raises:
+        ValueError: empty calibration input, a bad mask, or NaN/Inf activations.
+    """
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"calibration input_ids must be (S, L) and non-empty, got "
+                         f"{tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != input_ids "
+                         f"{tuple(input_ids.shape)}")
+    layers = decoder_layers(model)
+    n_blocks = len(layers)
+    step = n_blocks if blocks_per_pass is None else max(1, min(blocks_per_pass, n_blocks))
+    passes = [(b, min(b + step, n_blocks)) for b in range(0, n_blocks, step)]
+    device = next(model.parameters()).device
+    stats: dict[str, InputStats] = {}
+    n_batches = (input_ids.shape[0] + batch_size - 1) // batch_size
+    bar = tqdm(total=n_batches * len(passes), desc="calibration", disable=not progress,
+               unit="batch")
+    state: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def make_hook(key: str, width: int):
+        def hook(_module, args):
+            x = args[0].reshape(-1, width)
+            if state["mask"] is not None:
+                x = x[state["mask"]]
+            x = x.float()
+            st = stats[key]
+            st.gram += (x.t() @ x).to(device="cpu", dtype=torch.float64)
+            st.abs_sum += x.abs().sum(0).to(device="cpu", dtype=torch.float64)
+            st.tokens += x.shape[0]
+
+        return hook
+
+    try:
+        for b0, b1 in passes:
+            handles = []
+            seen = set()
+            for s in specs:
+                if not b0 <= s.block < b1 or s.input_key in seen:
+                    continue
+                seen.add(s.input_key)
+                M = s.in_features
+                stats[s.input_key] = InputStats(
+                    torch.zeros(M, M, dtype=torch.float64), torch.zeros(M, dtype=torch.float64)
+                )
+                module = model.get_submodule(s.name)
+                handles.append(module.register_forward_pre_hook(make_hook(s.input_key, M)))
+            if b1 < n_blocks:
+                def stop(*_):
+                    raise _StopForward
+                handles.append(layers[b1 - 1].register_forward_hook(stop))
+            try:
+                _run_backbone(model, input_ids, attention_mask, batch_size, device, state, bar)
+            finally:
+                for h in handles:
+                    h.remove()
+    finally:
+        bar.close()
+    for key, st in stats.items():
+        if st.tokens == 0:
+            raise ValueError("calibration saw no tokens (all padding?)")
+        if not torch.isfinite(st.gram).all():
+            raise ValueError(f"calibration Gram of input {key!r} has NaN/Inf: the model's "
+                             "activations overflow or its weights are not finite")
+    return stats
+
+
+@torch.no_grad()
+def _run_backbone(model, input_ids, attention_mask, batch_size, device, state, bar) -> None:
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    for i in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[i : i + batch_size].to(device)
+        mask = None if attention_mask is None else attention_mask[i : i + batch_size].to(device)
+        state["mask"] = None if mask is None else mask.reshape(-1).bool()
+        try:
+            backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            state["mask"] = None
+        bar.update(1)

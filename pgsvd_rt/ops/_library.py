@@ -1,0 +1,245 @@
+"""Op schemas, fake (meta) kernels, default kernels and autograd: the only torch.library code.
+
+Importing this module defines the ``pgsvd`` namespace. Backends register into it elsewhere
+(:mod:`pgsvd_rt.ops._triton`, the C++ extension ``pgsvd_rt._C``); they never redefine schemas.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pgsvd_rt.ops import reference
+
+_lib = torch.library.Library("pgsvd", "DEF")  # noqa: TOR901 - the namespace owner
+
+_lib.define("lowrank_matmul(Tensor x, Tensor u, Tensor v, Tensor? bias=None) -> Tensor")
+_lib.define(
+    "als_solve(Tensor W, Tensor G, Tensor A0, Tensor B0, int iters, float ridge) -> (Tensor, Tensor)"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input contracts, shared by the fake and the default kernels (backends check again natively).
+# ---------------------------------------------------------------------------------------------
+def check_lowrank_matmul_args(
+    x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    if x.dim() < 1:
+        raise ValueError(f"lowrank_matmul: x must have at least 1 dim, got shape {tuple(x.shape)}")
+    if u.dim() != 2 or v.dim() != 2:
+        raise ValueError(
+            f"lowrank_matmul: u (N, R) and v (K, R) must be 2-D, got u {tuple(u.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    K = x.shape[-1]
+    if v.shape[0] != K:
+        raise ValueError(f"lowrank_matmul: v has {v.shape[0]} rows but x has K={K} features")
+    if u.shape[1] != v.shape[1]:
+        raise ValueError(f"lowrank_matmul: rank mismatch, u R={u.shape[1]} vs v R={v.shape[1]}")
+    if u.shape[1] < 1:
+        raise ValueError(f"lowrank_matmul: rank must be >= 1, got R={u.shape[1]}")
+    tensors = {"x": x, "u": u, "v": v} | ({"bias": bias} if bias is not None else {})
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise TypeError(f"lowrank_matmul: {name} must be floating point, got {t.dtype}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"lowrank_matmul: {name} dtype {t.dtype} != x dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"lowrank_matmul: {name} on {t.device} but x on {x.device}")
+    if bias is not None and tuple(bias.shape) != (u.shape[0],):
+        raise ValueError(
+            f"lowrank_matmul: bias must have shape ({u.shape[0]},), got {tuple(bias.shape)}"
+        )
+
+
+def check_als_solve_args(
+    W: torch.Tensor, G: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, iters: int, ridge: float
+) -> None:
+    named = {"W": W, "G": G, "A0": A0, "B0": B0}
+    for name, t in named.items():
+        if t.dim() != 3:
+            raise ValueError(f"als_solve: {name} must be 3-D (batched), got {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"als_solve: {name} must be float32 or float64, got {t.dtype}")
+        if t.dtype != W.dtype:
+            raise TypeError(f"als_solve: {name} dtype {t.dtype} != W dtype {W.dtype}")
+        if t.device != W.device:
+            raise ValueError(f"als_solve: {name} on {t.device} but W on {W.device}")
+    Bt, N, M = W.shape
+    R = A0.shape[2]
+    if G.shape[0] not in (1, Bt) or tuple(G.shape[1:]) != (M, M):
+        raise ValueError(f"als_solve: G must be ({Bt} or 1, {M}, {M}), got {tuple(G.shape)}")
+    if tuple(A0.shape) != (Bt, N, R) or R < 1:
+        raise ValueError(f"als_solve: A0 must be ({Bt}, {N}, R>=1), got {tuple(A0.shape)}")
+    if tuple(B0.shape) != (Bt, R, M):
+        raise ValueError(f"als_solve: B0 must be ({Bt}, {R}, {M}), got {tuple(B0.shape)}")
+    if iters < 0:
+        raise ValueError(f"als_solve: iters must be >= 0, got {iters}")
+    if not ridge >= 0.0:  # also rejects NaN
+        raise ValueError(f"als_solve: ridge must be >= 0, got {ridge}")
+
+
+# ---------------------------------------------------------------------------------------------
+# lowrank_matmul
+# ---------------------------------------------------------------------------------------------
+@torch.library.register_fake("pgsvd::lowrank_matmul", lib=_lib)
+def _lowrank_matmul_fake(x, u, v, bias=None):
+    check_lowrank_matmul_args(x, u, v, bias)
+    return x.new_empty((*x.shape[:-1], u.shape[0]))
+
+
+@torch.library.register_kernel("pgsvd::lowrank_matmul", None, lib=_lib)
+def _lowrank_matmul_default(x, u, v, bias=None):
+    check_lowrank_matmul_args(x, u, v, bias)
+    return reference.lowrank_matmul(x, u, v, bias)
+
+
+def _lowrank_matmul_setup_context(ctx, inputs, output):
+    x, u, v, bias = inputs
+    ctx.save_for_backward(x, u, v)
+    ctx.has_bias = bias is not None
+
+
+def _lowrank_matmul_backward(ctx, grad_y):
+    x, u, v = ctx.saved_tensors
+    K, R = v.shape
+    x2 = x.reshape(-1, K)
+    g2 = grad_y.reshape(-1, u.shape[0])
+    gu = g2 @ u  # (M, R)
+    grad_x = torch.ops.pgsvd.lowrank_matmul(grad_y, v, u, None)  # dy @ u @ v.T
+    grad_u = g2.t() @ (x2 @ v)
+    grad_v = x2.t() @ gu
+    grad_b = g2.sum(0) if ctx.has_bias else None
+    return grad_x, grad_u, grad_v, grad_b
+
+
+torch.library.register_autograd(
+    "pgsvd::lowrank_matmul",
+    _lowrank_matmul_backward,
+    setup_context=_lowrank_matmul_setup_context,
+    lib=_lib,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# als_solve
+# ---------------------------------------------------------------------------------------------
+@torch.library.register_fake("pgsvd::als_solve", lib=_lib)
+def _als_solve_fake(W, G, A0, B0, iters, ridge):
+    check_als_solve_args(W, G, A0, B0, iters, ridge)
+    return torch.empty_like(A0), torch.empty_like(B0)
+
+
+@torch.library.register_kernel("pgsvd::als_solve", None, lib=_lib)
+def _als_solve_default(W, G, A0, B0, iters, ridge):
+    check_als_solve_args(W, G, A0, B0, iters, ridge)
+    A, B = reference.als_solve(W, G, A0, B0, iters, ridge)
+    return A.contiguous(), B.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# lowrank_matmul_grouped: projections sharing one input (q/k/v, gate/up), v factors concatenated
+# along R so x is read once: y_g = (x @ v_cat[:, R-range of g]) @ us[g].T + bias_cat[N-range of g].
+# One optional bias_cat (sum N_g,) rather than Tensor?[]: torch's autograd for tensor lists cannot
+# carry a list that mixes tensors and None.
+# ---------------------------------------------------------------------------------------------
+_lib.define(
+    "lowrank_matmul_grouped(Tensor x, Tensor[] us, Tensor v_cat, Tensor? bias_cat=None) -> Tensor[]"
+)
+
+
+def check_lowrank_matmul_grouped_args(
+    x: torch.Tensor,
+    us: list[torch.Tensor],
+    v_cat: torch.Tensor,
+    bias_cat: torch.Tensor | None,
+) -> None:
+    if len(us) < 1:
+        raise ValueError("lowrank_matmul_grouped: need at least one u, got an empty list")
+    if v_cat.dim() != 2:
+        raise ValueError(f"lowrank_matmul_grouped: v_cat must be 2-D, got {tuple(v_cat.shape)}")
+    ranks = [u.shape[1] if u.dim() == 2 else -1 for u in us]
+    if sum(ranks) != v_cat.shape[1]:
+        raise ValueError(
+            f"lowrank_matmul_grouped: ranks of us {ranks} sum to {sum(ranks)} but v_cat has "
+            f"R={v_cat.shape[1]}"
+        )
+    n_total = sum(u.shape[0] for u in us)
+    if bias_cat is not None and tuple(bias_cat.shape) != (n_total,):
+        raise ValueError(
+            f"lowrank_matmul_grouped: bias_cat must have shape ({n_total},) (sum of N), got "
+            f"{tuple(bias_cat.shape)}"
+        )
+    for g, (u, v, b) in enumerate(zip(us, split_v(us, v_cat), split_bias(us, bias_cat),
+                                      strict=True)):
+        try:
+            check_lowrank_matmul_args(x, u, v, b)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"lowrank_matmul_grouped (group {g}): {exc}") from None
+
+
+def split_v(us, v_cat):
+    """Views (K, R_g) of v_cat, one per group."""
+    out, r0 = [], 0
+    for u in us:
+        out.append(v_cat[:, r0:r0 + u.shape[1]])
+        r0 += u.shape[1]
+    return out
+
+
+def split_bias(us, bias_cat):
+    """Views (N_g,) of bias_cat, one per group (all None without a bias)."""
+    if bias_cat is None:
+        return [None] * len(us)
+    out, n0 = [], 0
+    for u in us:
+        out.append(bias_cat[n0:n0 + u.shape[0]])
+        n0 += u.shape[0]
+    return out
+
+
+@torch.library.register_fake("pgsvd::lowrank_matmul_grouped", lib=_lib)
+def _lowrank_matmul_grouped_fake(x, us, v_cat, bias_cat=None):
+    check_lowrank_matmul_grouped_args(x, us, v_cat, bias_cat)
+    return [x.new_empty((*x.shape[:-1], u.shape[0])) for u in us]
+
+
+@torch.library.register_kernel("pgsvd::lowrank_matmul_grouped", None, lib=_lib)
+def _lowrank_matmul_grouped_default(x, us, v_cat, bias_cat=None):
+    check_lowrank_matmul_grouped_args(x, us, v_cat, bias_cat)
+    return [
+        reference.lowrank_matmul(x, u, v, b)
+        for u, v, b in zip(us, split_v(us, v_cat), split_bias(us, bias_cat), strict=True)
+    ]
+
+
+def _lowrank_matmul_grouped_setup_context(ctx, inputs, output):
+    x, us, v_cat, bias_cat = inputs
+    ctx.save_for_backward(x, v_cat, *us)
+    ctx.has_bias = bias_cat is not None
+
+
+def _lowrank_matmul_grouped_backward(ctx, grad_ys):
+    x, v_cat, *us = ctx.saved_tensors
+    x2 = x.reshape(-1, v_cat.shape[0])
+    grad_x, grad_us, g2s, gus = None, [], [], []
+    for u, v, gy in zip(us, split_v(us, v_cat), grad_ys, strict=True):
+        g2 = x2.new_zeros((x2.shape[0], u.shape[0])) if gy is None else gy.reshape(-1, u.shape[0])
+        g2s.append(g2)
+        gus.append(g2 @ u)  # (M, R_g)
+        gx = torch.ops.pgsvd.lowrank_matmul(g2, v, u, None)  # (M, K)
+        grad_x = gx if grad_x is None else grad_x + gx
+        grad_us.append(g2.t() @ (x2 @ v))
+    grad_v = x2.t() @ torch.cat(gus, dim=1)
+    grad_b = torch.cat([g.sum(0) for g in g2s]) if ctx.has_bias else None
+    if grad_b is None:  # the dispatcher drops an argument equal to its default (bias_cat=None)
+        return grad_x.reshape(x.shape), grad_us, grad_v
+    return grad_x.reshape(x.shape), grad_us, grad_v, grad_b
+
+
+torch.library.register_autograd(
+    "pgsvd::lowrank_matmul_grouped",
+    _lowrank_matmul_grouped_backward,
+    setup_context=_lowrank_matmul_grouped_setup_context,
+    lib=_lib,
+)

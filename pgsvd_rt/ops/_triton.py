@@ -1,0 +1,66 @@
+"""Registers the Triton kernels of kernels/ as the CUDA backend of the ``pgsvd`` ops.
+
+Plain ``Library.IMPL`` + ``register_kernel`` (not ``torch.library.triton_op``, which breaks
+``torch.compile`` on CPU-only machines). The kernels themselves run on CPU too under
+``TRITON_INTERPRET=1``; tests call them directly there, the dispatcher only routes CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pgsvd_rt.ops._library import check_lowrank_matmul_args, check_lowrank_matmul_grouped_args
+
+_lib = torch.library.Library("pgsvd", "IMPL")  # noqa: TOR901 - backend registrations only
+_FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_registered = False
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    """(..., K) -> (M, K), a view whenever the strides allow (the kernel takes any strides)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _lowrank_matmul_cuda(x, u, v, bias=None):
+    from pgsvd_rt.kernels.lowrank_matmul import lowrank_matmul_triton
+    from pgsvd_rt.ops import reference
+
+    check_lowrank_matmul_args(x, u, v, bias)
+    if x.dtype not in _FAST_DTYPES:  # e.g. float64: the reference is exact and fast enough
+        return reference.lowrank_matmul(x, u, v, bias)
+    y = lowrank_matmul_triton(_as_2d(x), u, v, bias)
+    return y.view(*x.shape[:-1], u.shape[0])
+
+
+def _lowrank_matmul_grouped_cuda(x, us, v_cat, bias_cat=None):
+    from pgsvd_rt.kernels.lowrank_matmul import lowrank_matmul_grouped_triton
+    from pgsvd_rt.ops._library import _lowrank_matmul_grouped_default, split_bias
+
+    check_lowrank_matmul_grouped_args(x, us, v_cat, bias_cat)
+    if x.dtype not in _FAST_DTYPES:
+        return _lowrank_matmul_grouped_default(x, us, v_cat, bias_cat)
+    ys = lowrank_matmul_grouped_triton(_as_2d(x), list(us), v_cat, split_bias(us, bias_cat))
+    return [y.view(*x.shape[:-1], u.shape[0]) for y, u in zip(ys, us, strict=True)]
+
+
+def register() -> bool:
+    """Register the CUDA kernels once; False (the default kernels serve) when Triton is absent.
+
+    Raises nothing for a missing or broken Triton: ``ImportError`` means "not available" and the
+    caller (:mod:`pgsvd_rt.ops._backends`) logs it once.
+    """
+    global _registered
+    if _registered:
+        return True
+    try:
+        import triton  # noqa: F401
+
+        import pgsvd_rt.kernels.lowrank_matmul  # noqa: F401  (compiles nothing at import)
+    except ImportError:
+        return False
+    torch.library.register_kernel("pgsvd::lowrank_matmul", "cuda", _lowrank_matmul_cuda, lib=_lib)
+    torch.library.register_kernel(
+        "pgsvd::lowrank_matmul_grouped", "cuda", _lowrank_matmul_grouped_cuda, lib=_lib
+    )
+    _registered = True
+    return True

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny randomly initialised LLaMA-layout models (fast unit tests).
+
+Real-model tests use the embedded SmolLM2-135M and are marked ``slow``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+WIKITEXT_TEST = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
+
+
+def tiny_config(model_type: str = "llama", **overrides):
+    from transformers import LlamaConfig, Qwen2Config
+
+    kw = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+              max_position_embeddings=256, tie_word_embeddings=True)
+    kw.update(overrides)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[model_type]
+    return cls(**kw)
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    """A tiny causal LM with a decaying weight spectrum (so ranks differ per layer)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if p.dim() == 2 and "proj" in name:
+                N, M = p.shape
+                k = min(N, M)
+                U, _ = torch.linalg.qr(torch.randn(N, k))
+                V, _ = torch.linalg.qr(torch.randn(M, k))
+                decay = 0.5 + 0.1 * (i % 7)  # a different spectrum for each layer
+                s = torch.arange(1, k + 1, dtype=torch.float32).pow(-decay)
+                p.copy_((U * s) @ V.t())
+    return model.eval()
+
+
+def random_ids(samples: int = 4, seq_len: int = 32, vocab: int = 256, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (samples, seq_len), generator=g)
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def qwen2():
+    return tiny_model("qwen2", seed=3)
+

@@ -1,0 +1,130 @@
+"""kernels/lowrank_matmul.py against an fp64 reference (CPU: Triton interpreter; GPU: native).
+
+Tolerance (house rule, flash-attention style): the kernel's max abs error against the fp64
+reference must be at most 2x the max abs error of PyTorch's own same-dtype two-matmul path
+(``(x @ v) @ u.T + bias`` in that dtype, on the same device). Where PyTorch happens to be exact
+(error exactly 0) the bound is one ulp of the largest output, ``eps(dtype) * max|y|``.
+On a GPU fp32 follows torch's TF32 policy (``torch.backends.cuda.matmul.allow_tf32``, off by
+default, so fp32 is checked at IEEE precision).
+"""
+
+import pytest
+import torch
+
+DTYPES = [torch.float32, torch.float16]
+
+
+def _factors(M, K, N, R, dtype, device, bias, layout, seed):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "transposed":  # x.T of a (K, M) tensor: strides (1, M)
+        x = torch.randn(K, M, generator=g).t()
+    elif layout == "sliced":  # every other column of a wider tensor: strides (2K+3, 2)
+        x = torch.randn(M, 2 * K + 3, generator=g)[:, 1:2 * K + 1:2]
+    else:
+        x = torch.randn(M, K, generator=g)
+    u = torch.randn(N, R, generator=g) / R**0.5
+    v = torch.randn(K, R, generator=g) / K**0.5
+    b = torch.randn(N, generator=g) if bias else None
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(x), cast(u), cast(v), cast(b)
+
+
+def _check(y, x, u, v, b):
+    ref = (x.double() @ v.double()) @ u.double().t()
+    torch_y = (x @ v) @ u.t()
+    if b is not None:
+        ref = ref + b.double()
+        torch_y = torch_y + b
+    assert y.shape == ref.shape and y.dtype == x.dtype and y.is_contiguous()
+    err = (y.double() - ref).abs().max().item()
+    torch_err = (torch_y.double() - ref).abs().max().item()
+    bound = 2 * torch_err if torch_err > 0 else torch.finfo(x.dtype).eps * ref.abs().max().item()
+    assert err <= bound, f"max abs error {err:.3e} > bound {bound:.3e} (torch {torch_err:.3e})"
+
+
+# M in {1, 3} takes the decode configs, 17 the prefill configs; K, N not multiples of any block.
+LAYOUTS = ("contig", "sliced", "transposed")
+CASES = [
+    (M, (37, 96)[i % 2], (130, 41)[i // 2 % 2], R, i % 3 != 0, LAYOUTS[i % 3])
+    for i, (M, R) in enumerate([(m, r) for m in (1, 3, 17) for r in (1, 7, 37, 128)])
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N,R,bias,layout", CASES)
+def test_lowrank_matmul_matches_reference(lowrank_kernels, kernel_device, M, K, N, R, bias,
+                                          layout, dtype):
+    x, u, v, b = _factors(M, K, N, R, dtype, kernel_device, bias, layout, seed=M * 1000 + R)
+    y = lowrank_kernels.lowrank_matmul_triton(x, u, v, b)
+    _check(y, x, u, v, b)
+
+
+# Fixed meta-parameters: many row tiles with the small decode tile, split-K with empty splits,
+# R tiles that straddle R, one big tile covering everything.
+CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=16, BLOCK_N=16, SPLIT_K=3),
+    dict(BLOCK_M=32, BLOCK_R=64, BLOCK_K=64, BLOCK_N=64, SPLIT_K=4),
+    dict(BLOCK_M=16, BLOCK_R=32, BLOCK_K=128, BLOCK_N=128, SPLIT_K=1),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+@pytest.mark.parametrize("M,R", [(3, 37), (33, 7)])
+def test_lowrank_matmul_fixed_configs(lowrank_kernels, kernel_device, config, M, R):
+    x, u, v, b = _factors(M, 96, 41, R, torch.float32, kernel_device, True, "sliced", seed=R)
+    y = lowrank_kernels.lowrank_matmul_triton(x, u, v, b, config=config)
+    _check(y, x, u, v, b)
+
+
+def test_lowrank_matmul_strided_v_and_repeat(lowrank_kernels, kernel_device):
+    """A column slice of v (row stride > R) works, and a second launch reuses the sync buffer."""
+    x, u, _, b = _factors(5, 37, 41, 7, torch.float16, kernel_device, True, "contig", seed=3)
+    v = torch.randn(37, 20, dtype=torch.float16, device=kernel_device)[:, 3:10] / 37**0.5
+    for _ in range(2):
+        _check(lowrank_kernels.lowrank_matmul_triton(x, u, v, b), x, u, v, b)
+
+
+def test_lowrank_matmul_empty_rows(lowrank_kernels, kernel_device):
+    x, u, v, b = _factors(1, 37, 41, 7, torch.float32, kernel_device, True, "contig", seed=4)
+    y = lowrank_kernels.lowrank_matmul_triton(x[:0], u, v, b)
+    assert y.shape == (0, 41)
+
+
+@pytest.mark.parametrize("M", [2, 17])
+def test_grouped_matches_separate(lowrank_kernels, kernel_device, M):
+    """q/k/v-like groups (different N and R, one without bias) from one v_cat, one launch."""
+    g = torch.Generator().manual_seed(M)
+    K, shapes = 37, [(41, 7), (16, 1), (24, 37)]
+    x = torch.randn(M, K, generator=g).to(kernel_device)
+    us = [(torch.randn(N, R, generator=g) / R**0.5).to(kernel_device) for N, R in shapes]
+    vs = [(torch.randn(K, R, generator=g) / K**0.5).to(kernel_device) for _, R in shapes]
+    bs = [torch.randn(41, generator=g), None, torch.zeros(24)]
+    bs = [b.to(kernel_device) if b is not None else None for b in bs]
+    ys = lowrank_kernels.lowrank_matmul_grouped_triton(x, us, torch.cat(vs, 1), bs)
+    for y, u, v, b in zip(ys, us, vs, bs, strict=True):
+        _check(y, x, u, v, b)
+
+
+def test_grouped_more_groups_than_one_launch(lowrank_kernels, kernel_device):
+    G = lowrank_kernels.MAX_GROUPS + 1
+    x = torch.randn(3, 37, device=kernel_device)
+    us = [torch.randn(16 + g, 2 + g, device=kernel_device) for g in range(G)]
+    vs = [torch.randn(37, 2 + g, device=kernel_device) for g in range(G)]
+    ys = lowrank_kernels.lowrank_matmul_grouped_triton(x, us, torch.cat(vs, 1), None)
+    for y, u, v in zip(ys, us, vs, strict=True):
+        _check(y, x, u, v, None)
+
+
+def test_bytes_flops(lowrank_kernels):
+    nbytes, flops = lowrank_kernels.lowrank_matmul_bytes_flops(1, 4096, 4096, 1638, 2)
+    assert nbytes == (4096 + 4096 * 1638 * 2 + 4096) * 2
+    assert flops == 2 * 1638 * 8192
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [1, 16, 17, 300])
+def test_lowrank_matmul_gpu_half(lowrank_kernels, M, dtype):
+    x, u, v, b = _factors(M, 4096 + 37, 1024 + 5, 300, dtype, "cuda", True, "sliced", seed=M)
+    _check(lowrank_kernels.lowrank_matmul_triton(x, u, v, b), x, u, v, b)
