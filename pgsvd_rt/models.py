@@ -264,3 +264,17 @@ def linear_specs(model: nn.Module) -> list[LinearSpec]:
                     bias=getattr(mod, "bias", None) is not None,
                 ))
     return specs
+
+
+@torch.no_grad()
+def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
+    """Greedy continuation of ``prompt`` (the new text only)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not prompt:
+        raise ValueError("prompt is empty")
+    enc = tokenizer(prompt, return_tensors="pt")
+    device = next(model.parameters()).device
+    out = model.generate(**{k: v.to(device) for k, v in enc.items()}, do_sample=False,
+                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -17,7 +17,7 @@ def tiny_config(model_type: str = "llama", **overrides):
     from transformers import LlamaConfig, Qwen2Config
 
     kw = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=272,
               max_position_embeddings=256, tie_word_embeddings=True)
     kw.update(overrides)
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[model_type]
@@ -57,3 +57,26 @@ def llama():
 def qwen2():
     return tiny_model("qwen2", seed=3)
 
+
+
+def tiny_tokenizer():
+    """Byte-level tokenizer with no merges: 256 byte tokens + an end-of-text token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny Qwen2 (GQA + bias) saved as a Hugging Face directory with a tokenizer."""
+    path = tmp_path / "tiny-hf"
+    tiny_model("qwen2", seed=2).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -64,6 +64,17 @@ class CompressionReport:
         d["distinct_ranks"] = self.distinct_ranks
         return d
 
+    def summary(self) -> dict:
+        """The headline figures (no per-layer list)."""
+        d = self.to_dict()
+        del d["layers"]
+        return d
+
+    def manifest_info(self, source, config: CompressConfig) -> dict:
+        """Fields for the checkpoint manifest: this report, the config, the base model."""
+        return self.to_dict() | {"config": config.to_dict(),
+                                 "base_model": source.to_dict() | {"note": source.describe()}}
+
 
 def calibrate(
     model: nn.Module, tokenizer, calib: CalibConfig, progress: bool = True

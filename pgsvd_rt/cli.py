@@ -1,0 +1,162 @@
+"""``pgsvd``: the command line. Thin: every command calls the Python API.
+
+Commands: ``compress``, ``eval``, ``info``, ``generate``. With ``--json`` a command prints
+exactly one JSON object on stdout (also on error: ``{"error": ...}``); logs and progress bars
+go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("pgsvd_rt")
+
+
+def _cmd_compress(args) -> dict:
+    from pgsvd_rt import models
+    from pgsvd_rt.compress import compress_
+    from pgsvd_rt.config import CalibConfig, CompressConfig
+    from pgsvd_rt.io import save_factored
+
+    calib = CalibConfig(samples=args.calib_samples, seq_len=args.seq_len,
+                        batch_size=args.batch_size, blocks_per_pass=args.blocks_per_pass)
+    ratio = None if args.eps is not None else args.ratio
+    config = CompressConfig(method=args.method, ratio=ratio, eps=args.eps,
+                            per_class_eps=args.per_class_eps, als_iters=args.als_iters,
+                            calib=calib)
+    if Path(args.out).exists() and not args.overwrite:  # fail before the long work
+        raise FileExistsError(f"output directory {args.out!r} exists; pass --overwrite")
+    t0 = time.perf_counter()
+    model, tokenizer, source = models.load(args.model)
+    if source.kind == "factored":
+        raise ValueError(f"{args.model!r} is already a factored checkpoint; compress a dense model")
+    report = compress_(model, config, tokenizer=tokenizer, progress=not args.json)
+    out = save_factored(model, args.out, tokenizer=tokenizer,
+                        info=report.manifest_info(source, config), overwrite=args.overwrite)
+    return report.summary() | {"out": str(out), "base_model": source.describe(),
+                               "wall_s": time.perf_counter() - t0}
+
+
+def _cmd_eval(args) -> dict:
+    from pgsvd_rt import data, models
+    from pgsvd_rt.eval import perplexity
+
+    model, tokenizer, source = models.load(args.model)
+    ids, where = data.eval_ids(tokenizer, args.text_file)
+    result = perplexity(model, ids, seq_len=args.seq_len, windows=args.windows,
+                        batch_size=args.batch_size, progress=not args.json)
+    return {"model": source.describe(), "text": where, **result}
+
+
+def _cmd_info(args) -> dict:
+    from pgsvd_rt.io import read_manifest
+
+    manifest = read_manifest(args.dir)
+    layers = manifest.get("layers") or [
+        {"name": k, "rank": v["rank"], "out_features": v["out_features"],
+         "in_features": v["in_features"]} for k, v in manifest["modules"].items()
+    ]
+    keys = ("method", "eps", "target_ratio", "achieved_ratio", "dense_layers", "distinct_ranks")
+    out = {k: manifest.get(k) for k in keys}
+    out["base_model"] = manifest.get("base_model", {}).get("note")
+    out["layers"] = [{k: x[k] for k in ("name", "rank", "out_features", "in_features")}
+                     for x in layers]
+    return out
+
+
+def _print_info(info: dict) -> None:
+    print(f"base model     {info['base_model']}")
+    for k in ("method", "eps", "target_ratio", "achieved_ratio", "dense_layers",
+              "distinct_ranks"):
+        print(f"{k:<14} {info[k]}")
+    print(f"\n{'layer':<44} {'N x M':>12} {'rank':>6}")
+    for x in info["layers"]:
+        rank = "dense" if x["rank"] is None else x["rank"]
+        print(f"{x['name']:<44} {x['out_features']:>5} x {x['in_features']:<5} {rank:>6}")
+
+
+def _cmd_generate(args) -> dict:
+    from pgsvd_rt import models
+
+    model, tokenizer, source = models.load(args.model)
+    if tokenizer is None:
+        raise ValueError(f"{args.model!r} has no tokenizer files")
+    text = models.generate_text(model, tokenizer, args.prompt, args.max_new_tokens)
+    return {"model": source.describe(), "prompt": args.prompt, "completion": text}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgsvd", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    model_help = "smollm2-135m, a .gguf file, a HF directory, or a pgsvd checkpoint directory"
+
+    c = sub.add_parser("compress", help="compress a model and write a factored checkpoint")
+    c.add_argument("--model", default="smollm2-135m", help=model_help)
+    c.add_argument("--method", default="pgsvd",
+                   choices=["svd", "asvd", "svd-llm", "svd-als", "pgsvd"])
+    c.add_argument("--ratio", type=float, default=0.2, help="target compression in (0, 1)")
+    c.add_argument("--eps", type=float, default=None, help="PGSVD tolerance (instead of ratio)")
+    c.add_argument("--per-class-eps", action="store_true", help="one ε for attention, one for MLP")
+    c.add_argument("--calib-samples", type=int, default=64)
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--blocks-per-pass", type=int, default=None,
+                   help="bound calibration memory: Grams of this many blocks at a time")
+    c.add_argument("--als-iters", type=int, default=10)
+    c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true")
+
+    e = sub.add_parser("eval", help="perplexity over fixed non-overlapping windows")
+    e.add_argument("--model", default="smollm2-135m", help=model_help)
+    e.add_argument("--text-file", default=None,
+                   help="e.g. WikiText-2 raw test; default: held-out wiki-offline slice")
+    e.add_argument("--windows", type=int, default=None, help="default: all complete windows")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=4)
+
+    i = sub.add_parser("info", help="ranks and ratio of a factored checkpoint")
+    i.add_argument("dir")
+
+    g = sub.add_parser("generate", help="greedy generation")
+    g.add_argument("--model", default="smollm2-135m", help=model_help)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+
+    for q in (c, e, i, g):
+        q.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return p
+
+
+COMMANDS = {"compress": _cmd_compress, "eval": _cmd_eval, "info": _cmd_info,
+            "generate": _cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    try:
+        result = COMMANDS[args.command](args)
+    except (ValueError, TypeError, FileExistsError) as exc:
+        if args.json:
+            print(json.dumps({"error": str(exc)}))
+        print(f"pgsvd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    elif args.command == "info":
+        _print_info(result)
+    elif args.command == "generate":
+        print(args.prompt + result["completion"])
+    else:
+        for k, v in result.items():
+            print(f"{k:<16} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
