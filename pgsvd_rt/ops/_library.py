@@ -134,7 +134,7 @@ def _als_solve_fake(W, G, A0, B0, iters, ridge):
 def _als_solve_default(W, G, A0, B0, iters, ridge):
     check_als_solve_args(W, G, A0, B0, iters, ridge)
     A, B = reference.als_solve(W, G, A0, B0, iters, ridge)
-    return A.contiguous(), B.contiguous()
+    return A.contiguous().clone(), B.contiguous().clone()  # outputs never alias inputs
 
 
 # ---------------------------------------------------------------------------------------------
