@@ -35,25 +35,21 @@ import time
 import torch
 
 import pgsvd_rt.ops as ops
+from pgsvd_rt.compress import solvers
+from pgsvd_rt.compress.ranks import uniform_rank
 from pgsvd_rt.ops import _native, reference
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import MODELS, block_linears, device_name  # noqa: E402
+from benchlib import shape_groups as bench_shape_groups  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (name, N = out_features, M = in_features), per block; from the models' configs.
-SMOLLM2_135M = {  # hidden 576, intermediate 1536, 9 heads / 3 kv heads of 64, 30 blocks
-    "layers": 30,
-    "linears": [("q", 576, 576), ("k", 192, 576), ("v", 192, 576), ("o", 576, 576),
-                ("gate", 1536, 576), ("up", 1536, 576), ("down", 576, 1536)],
-}
-LLAMA2_7B = {  # hidden 4096, intermediate 11008, 32 blocks
-    "layers": 32,
-    "linears": [("q/k/v/o", 4096, 4096), ("gate/up", 11008, 4096), ("down", 4096, 11008)],
-}
+# (name, N = out_features, M = in_features), per block; from the models' configs (benchlib).
+SMOLLM2_135M = {"layers": MODELS["smollm2-135m"]["layers"],
+                "linears": block_linears("smollm2-135m")}
+LLAMA2_7B = {"layers": MODELS["llama2-7b"]["layers"], "linears": bench_shape_groups("llama2-7b")}
 SMOKE = {"layers": 3, "linears": [("q", 48, 48), ("k", 16, 48), ("gate", 96, 48), ("down", 48, 96)]}
-
-
-def uniform_rank(N: int, M: int, rho: float) -> int:
-    return max(1, int((1 - rho) * N * M / (N + M)))
 
 
 def shape_groups(model: dict) -> list[tuple[str, int, int, int]]:
@@ -121,7 +117,8 @@ def _rel_obj_diff(W, G, A, B, Ar, Br) -> float:
     return ((f(A, B) - f(Ar, Br)).abs() / f(Ar, Br).abs()).max().item()
 
 
-def bench_group(name, N, M, layers, rho, dtype, device, iters, repeats) -> dict:
+def bench_group(name, N, M, layers, rho, dtype, device, iters, repeats,
+                closed_form_layers: int = 0) -> dict:
     R = uniform_rank(N, M, rho)
     Bt = _batch_size(layers, N, M, R, dtype, device)
     W, G, A0, B0 = make_problem(Bt, N, M, R, dtype, device)
@@ -155,7 +152,18 @@ def bench_group(name, N, M, layers, rho, dtype, device, iters, repeats) -> dict:
     med_l = statistics.median(t[0] for t in t_loop)
     cpu_n = statistics.median(t[1] for t in t_native) * scale
     cpu_l = statistics.median(t[1] for t in t_loop)
-    return {
+    extra = {}
+    if closed_form_layers:  # SVD-LLM's closed form, per layer; timed on a few, scaled to all
+        n_cf = min(closed_form_layers, Bt, layers)
+
+        def closed_form():
+            for i in range(n_cf):
+                solvers.svdllm_factors(W[i], G[i], R, 1e-6)
+
+        wall, cpu = _time(closed_form, device)
+        extra = {"closed_form_s": wall * layers / n_cf, "closed_form_cpu_s": cpu * layers / n_cf,
+                 "closed_form_timed_layers": n_cf}
+    return extra | {
         "group": name, "N": N, "M": M, "R": R, "layers": layers, "batch": Bt,
         "budget": rho, "dtype": str(dtype).replace("torch.", ""), "iters": iters,
         "native_s": med_n, "loop_s": med_l, "ratio_loop_over_native": med_l / med_n,
@@ -187,19 +195,6 @@ def time_jit_build() -> dict:
     return {"method": "torch.utils.cpp_extension.load (JIT, clean temp build dir, ninja)",
             "seconds": float(lines["BUILD_S"]), "build_info": lines.get("INFO"),
             "max_jobs": os.environ.get("MAX_JOBS", f"ninja default ({os.cpu_count()} cpus)")}
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(ln.split(":", 1)[1].strip() for ln in out.splitlines()
-                     if ln.startswith("Model name"))
-    except Exception:
-        pass
-    return f"CPU: {model}, {torch.get_num_threads()} torch threads ({os.cpu_count()} logical cpus)"
 
 
 def render_markdown(report: dict) -> str:
@@ -236,6 +231,15 @@ def render_markdown(report: dict) -> str:
             f"**{t['native_s']:.2f}** | **{t['loop_s']:.2f}** | **{t['ratio']:.2f}×** | "
             f"**{t['native_cpu_s']:.2f}** | **{t['loop_cpu_s']:.2f}** | "
             f"**{t['cpu_ratio']:.2f}×** | |")
+    cf = [r for r in report["results"] if "closed_form_s" in r]
+    if cf:
+        lines += ["", "SVD-LLM closed form (Cholesky whitening + SVD per layer; timed on a few "
+                  "layers per group, scaled to the group):", "",
+                  "| budget | dtype | group | layers | closed form wall s | native ALS wall s |"
+                  " timed layers |", "|---" * 7 + "|"]
+        lines += [f"| {r['budget']:.0%} | {r['dtype']} | {r['group']} | {r['layers']} | "
+                  f"{r['closed_form_s']:.3f} | {r['native_s']:.3f} | "
+                  f"{r['closed_form_timed_layers']} |" for r in cf]
     return "\n".join(lines) + "\n"
 
 
@@ -249,6 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budgets", type=float, nargs="+", default=None)
     p.add_argument("--layers", type=int, default=None, help="override blocks per shape")
     p.add_argument("--no-build", action="store_true", help="skip the extension build timing")
+    p.add_argument("--closed-form-layers", type=int, default=0,
+                   help="also time SVD-LLM's closed form on this many layers per group "
+                   "(scaled to the group)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads for the run (default: torch's); 1 keeps tiny "
                    "smoke shapes from stalling on a loaded shared CPU")
@@ -281,7 +288,8 @@ def _run(a: argparse.Namespace, p: argparse.ArgumentParser) -> dict:
     for rho in budgets:
         for dtype in dtypes:
             for name, N, M, layers in shape_groups(model):
-                r = bench_group(name, N, M, layers, rho, dtype, a.device, a.iters, repeats)
+                r = bench_group(name, N, M, layers, rho, dtype, a.device, a.iters, repeats,
+                                a.closed_form_layers)
                 results.append(r)
                 print(f"{rho:.0%} {r['dtype']} {name} {N}x{M} R={r['R']} x{layers}: native "
                       f"{r['native_s']:.3f}s loop {r['loop_s']:.3f}s "

@@ -20,74 +20,32 @@ and ``.md`` in --out. Compare only results from the same device.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import platform
-import re
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-LLAMA2_7B = [("qkvo", 4096, 4096), ("gate_up", 11008, 4096), ("down", 4096, 11008)]
-KAPPAS = (0.8, 0.6, 0.4)
-M_FIRST = (1, 16, 4096)
-M_FULL = (1, 4, 16, 64, 256, 1024, 4096)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (  # noqa: E402  (shared shape tables, ideal bytes, timers, ceilings)
+    KAPPAS,
+    M_FIRST,
+    M_FULL,
+    SMOKE_SHAPES,
+    ceilings,
+    device_name,
+    device_slug,
+    ideal,
+    rank_for,
+    shape_groups,
+    time_cpu,
+    time_cuda,
+    today,
+    versions,
+)
 
-
-def rank_for(kappa: float, N: int, K: int) -> int:
-    return max(1, int(kappa * N * K / (N + K)))
-
-
-def ideal(provider: str, M: int, K: int, N: int, R: int, elem: int, groups: int = 1):
-    """(bytes, flops) a provider must move/do at minimum; groups > 1: q/k/v-style total."""
-    if provider == "dense":
-        return (M * K + N * K + M * N) * elem, 2 * M * N * K
-    if provider in ("grouped", "separate"):  # x once (grouped) or G times (separate)
-        x_reads = 1 if provider == "grouped" else groups
-        nbytes = (x_reads * M * K + groups * (K * R + N * R + M * N)) * elem
-        return nbytes, groups * 2 * M * R * (K + N)
-    return (M * K + K * R + N * R + M * N) * elem, 2 * M * R * (K + N)
-
-
-def _time_cuda(fn, graph: bool):
-    import triton.testing as tt
-
-    if graph:
-        fn()  # autotune outside the capture
-        torch.cuda.synchronize()
-        return tt.do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8])
-    return tt.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-
-
-def _time_cpu(fn, reps: int = 5):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    ts.sort()
-    return statistics.median(ts), ts[max(0, len(ts) // 5)], ts[min(len(ts) - 1, 4 * len(ts) // 5)]
-
-
-def ceilings(device: str) -> dict:
-    """Bandwidth (GB/s) of a 1 GiB copy_ and compute (TFLOP/s) of an 8192^3 bf16 matmul."""
-    if device != "cuda":
-        return {"bandwidth_GBps": None, "bf16_TFLOPs": None}
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = _time_cuda(lambda: dst.copy_(src), graph=False)[0]
-    bw = 2 * src.numel() / (ms * 1e-3) / 1e9
-    src = dst = None  # free 2 GiB before the matmul
-    n = 8192
-    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = _time_cuda(lambda: x @ y, graph=False)[0]
-    return {"bandwidth_GBps": bw, "bf16_TFLOPs": 2 * n**3 / (ms * 1e-3) / 1e12}
+LLAMA2_7B = shape_groups("llama2-7b")  # ("q/k/v/o", 4096, 4096), ("gate/up", ...), ("down", ...)
 
 
 def _providers(x, u, v, W, interp_kernel):
@@ -116,14 +74,14 @@ def run(args) -> dict:
         except ImportError:
             interp_kernel = None
     if args.smoke:
-        shapes, kappas, ms_list = [("tiny", 64, 48)], (0.5,), (1, 16)
+        shapes, kappas, ms_list = SMOKE_SHAPES, (0.5,), (1, 16)
         dtypes = [torch.float32] if device == "cpu" else [torch.float16]
     else:
         shapes, kappas = LLAMA2_7B, KAPPAS
         ms_list = M_FULL if args.full else M_FIRST
         dtypes = [torch.float16, torch.bfloat16]
-    timer = (lambda fn, graph=False: _time_cuda(fn, graph)) if device == "cuda" else (
-        lambda fn, graph=False: _time_cpu(fn))
+    timer = (lambda fn, graph=False: time_cuda(fn, graph)) if device == "cuda" else (
+        lambda fn, graph=False: time_cpu(fn))
     ceil = ceilings(device)
     rows = []
 
@@ -156,7 +114,7 @@ def run(args) -> dict:
                         record(shape, M, N, K, R, kappa, dtype, name, fn)
                         if device == "cuda" and M <= 16:
                             record(shape, M, N, K, R, kappa, dtype, name, fn, graph=True)
-                    if shape in ("qkvo", "tiny"):  # q/k/v share x: grouped vs separate
+                    if shape in ("q/k/v/o", "tiny"):  # q/k/v share x: grouped vs separate
                         us, v_cat = [u, u, u], torch.cat([v, v, v], dim=1)
                         grouped = lambda: ops.lowrank_matmul_grouped(x, us, v_cat)  # noqa: B023,E731
                         separate = lambda: [ops.lowrank_matmul(x, u, v) for _ in range(3)]  # noqa: B023,E731
@@ -166,22 +124,12 @@ def run(args) -> dict:
                                 record(shape, M, N, K, R, kappa, dtype, name, fn, groups=3,
                                        graph=True)
                 u = v = W = None  # free the factors before the next shape
-    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or "cpu")
     return {
-        "device": name, "device_type": device, "date": _dt.date.today().isoformat(),
-        "torch": torch.__version__, "triton": _triton_version(), "smoke": bool(args.smoke),
+        "device": device_name(device), "device_type": device, "date": today(),
+        "torch": torch.__version__, "triton": versions()["triton"], "smoke": bool(args.smoke),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "ceilings": ceil, "rows": rows,
     }
-
-
-def _triton_version():
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
 
 
 def to_markdown(res: dict) -> str:
@@ -216,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     res = run(args)
     os.makedirs(args.out, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", res["device"].lower()).strip("-") or "device"
+    slug = device_slug(res["device"])
     stem = os.path.join(args.out, f"{slug}-{res['date']}{'-smoke' if args.smoke else ''}")
     with open(stem + ".json", "w") as f:
         json.dump(res, f, indent=1)

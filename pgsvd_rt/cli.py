@@ -47,10 +47,34 @@ def _cmd_eval(args) -> dict:
     from pgsvd_rt.eval import perplexity
 
     model, tokenizer, source = models.load(args.model)
+    out = {"model": source.describe()}
+    if args.tasks:  # zero-shot; perplexity too only when a text file is named
+        from pgsvd_rt.eval.zeroshot import evaluate_tasks
+
+        out["zeroshot"] = evaluate_tasks(model, tokenizer, args.tasks.split(","),
+                                         limit=args.limit, batch_size=args.task_batch_size,
+                                         progress=not args.json)
+        if args.text_file is None:
+            return out
     ids, where = data.eval_ids(tokenizer, args.text_file)
     result = perplexity(model, ids, seq_len=args.seq_len, windows=args.windows,
                         batch_size=args.batch_size, progress=not args.json)
-    return {"model": source.describe(), "text": where, **result}
+    return out | {"text": where, **result}
+
+
+def _cmd_reproduce(args) -> dict:
+    from pgsvd_rt.config import CalibConfig
+    from pgsvd_rt.eval.table import reproduce
+
+    calib = CalibConfig(samples=args.calib_samples, seq_len=args.seq_len)
+    result = reproduce(args.out, model=args.model, methods=tuple(args.methods),
+                       ratios=tuple(args.ratios), tasks=tuple(args.tasks.split(",")),
+                       task_limit=args.limit or None, text_file=args.text_file,
+                       windows=args.windows, seq_len=args.seq_len, calib=calib,
+                       progress=not args.json)
+    return {"files": result["files"], "wall_s": result["wall_s"],
+            "rows": [{k: r.get(k) for k in ("method", "target_ratio", "achieved_ratio", "ppl")}
+                     | {"avg_acc": r["zeroshot"]["average_acc"]} for r in result["rows"]]}
 
 
 def _cmd_info(args) -> dict:
@@ -90,10 +114,18 @@ def _cmd_generate(args) -> dict:
     return {"model": source.describe(), "prompt": args.prompt, "completion": text}
 
 
+def _cmd_bench(args) -> dict:
+    from pgsvd_rt.bench import run_suite
+
+    parts = tuple(args.parts) if args.parts else ("kernels", "e2e", "als")
+    return run_suite(args.out, smoke=args.smoke, parts=parts, plots=not args.no_plots)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgsvd", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    model_help = "smollm2-135m, a .gguf file, a HF directory, or a pgsvd checkpoint directory"
+    model_help = ("smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, a .gguf file, a HF "
+                  "directory, or a pgsvd checkpoint directory")
 
     c = sub.add_parser("compress", help="compress a model and write a factored checkpoint")
     c.add_argument("--model", default="smollm2-135m", help=model_help)
@@ -118,6 +150,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=int, default=None, help="default: all complete windows")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated zero-shot tasks (piqa,hellaswag,winogrande,boolq,"
+                        "arc_easy,arc_challenge,openbookqa,lambada); perplexity then runs only "
+                        "with --text-file")
+    e.add_argument("--limit", type=int, default=None,
+                   help="first N documents of each task (default: all)")
+    e.add_argument("--task-batch-size", type=int, default=16)
+
+    r = sub.add_parser("reproduce", help="the paper's table: perplexity + zero-shot accuracy "
+                                         "for every method x ratio")
+    r.add_argument("--model", default="smollm2-135m", help=model_help)
+    r.add_argument("--out", default="benchmarks/results")
+    r.add_argument("--methods", nargs="+", default=["svd", "asvd", "svd-llm", "svd-als", "pgsvd"],
+                   choices=["svd", "asvd", "svd-llm", "svd-als", "pgsvd"])
+    r.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    r.add_argument("--tasks", default="arc_easy,piqa,winogrande,lambada,hellaswag")
+    r.add_argument("--limit", type=int, default=50,
+                   help="first N documents of each task; 0: full sets")
+    r.add_argument("--text-file", default="../shared/data/wikitext-2-raw/wiki.test.raw")
+    r.add_argument("--windows", type=int, default=24)
+    r.add_argument("--seq-len", type=int, default=512)
+    r.add_argument("--calib-samples", type=int, default=64)
 
     i = sub.add_parser("info", help="ranks and ratio of a factored checkpoint")
     i.add_argument("dir")
@@ -127,13 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
 
-    for q in (c, e, i, g):
+    b = sub.add_parser("bench", help="run the benchmark suite (GPU or CPU) and write the report")
+    b.add_argument("--out", default="benchmarks/results", help="results folder")
+    b.add_argument("--smoke", action="store_true", help="tiny shapes and models (seconds)")
+    b.add_argument("--parts", nargs="+", choices=["kernels", "e2e", "als"], default=None)
+    b.add_argument("--no-plots", action="store_true")
+
+    for q in (c, e, i, g, b, r):
         q.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
 
 
 COMMANDS = {"compress": _cmd_compress, "eval": _cmd_eval, "info": _cmd_info,
-            "generate": _cmd_generate}
+            "generate": _cmd_generate, "bench": _cmd_bench, "reproduce": _cmd_reproduce}
 
 
 def main(argv: list[str] | None = None) -> int:

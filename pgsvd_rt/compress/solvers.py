@@ -19,6 +19,7 @@ import logging
 import torch
 
 from pgsvd_rt import ops
+from pgsvd_rt.compress import linalg
 
 log = logging.getLogger("pgsvd_rt")
 
@@ -32,7 +33,7 @@ def _split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, R: int):
 
 def svd_factors(W: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated SVD of W (..., N, M) -> A (..., N, R), B (..., R, M)."""
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U, S, Vh = linalg.svd(W)
     return _split(U, S, Vh, R)
 
 
@@ -56,7 +57,7 @@ def whitening(G: torch.Tensor, eig_floor: float) -> tuple[torch.Tensor, bool]:
     L, info = torch.linalg.cholesky_ex(G)
     if int(info) == 0:
         return L, False
-    lam, Q = torch.linalg.eigh(G)
+    lam, Q = linalg.eigh(G)
     floor = eig_floor * lam.max().clamp_min(torch.finfo(G.dtype).tiny)
     return Q * lam.clamp_min(floor).sqrt(), True
 

@@ -1,3 +1,4 @@
 from pgsvd_rt.eval.perplexity import perplexity
+from pgsvd_rt.eval.zeroshot import evaluate_tasks
 
-__all__ = ["perplexity"]
+__all__ = ["evaluate_tasks", "perplexity"]

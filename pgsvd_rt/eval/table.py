@@ -17,6 +17,7 @@ from torch import nn
 from pgsvd_rt.compress import calibrate, compress_
 from pgsvd_rt.config import CalibConfig, CompressConfig
 from pgsvd_rt.eval.perplexity import perplexity
+from pgsvd_rt.eval.zeroshot import evaluate_tasks
 
 log = logging.getLogger("pgsvd_rt")
 
@@ -40,6 +41,9 @@ def quality_table(
     windows: int = 24,
     seq_len: int = 512,
     progress: bool = True,
+    tasks: list[str] | None = None,
+    task_limit: int | None = None,
+    task_batch_size: int = 16,
 ) -> dict:
     """Compress copies of ``dense`` with every method at every ratio and score them.
 
@@ -48,6 +52,9 @@ def quality_table(
         texts: corpus name -> (T,) token stream for perplexity.
         methods: subset of svd, asvd, svd-llm, svd-als, pgsvd.
         ratios: target compressions.
+        tasks: zero-shot tasks scored on every row (None: perplexity only); each row then has
+            ``"zeroshot"`` (:func:`pgsvd_rt.eval.zeroshot.evaluate_tasks`'s result).
+        task_limit: first N documents of each task (None: all).
 
     Returns:
         {"calibration", "rows": [...]} with one dense row and one row per (method, ratio).
@@ -60,7 +67,14 @@ def quality_table(
         return {name: perplexity(model, ids, seq_len, windows)["ppl"]
                 for name, ids in texts.items()}
 
-    rows = [{"method": "dense", "ppl": score(dense)}]
+    def zeroshot(model) -> dict:
+        if not tasks:
+            return {}
+        res = evaluate_tasks(model, tokenizer, tasks, limit=task_limit,
+                             batch_size=task_batch_size, progress=progress)
+        return {"zeroshot": res}
+
+    rows = [{"method": "dense", "ppl": score(dense)} | zeroshot(dense)]
     for ratio in ratios:
         closed_form: dict[str, float] = {}
         for method in methods:
@@ -71,7 +85,7 @@ def quality_table(
                                compare_closed_form=(method == "pgsvd"), progress=progress)
             compress_s = time.perf_counter() - t + calib_s * config.needs_grams
             row = report.summary() | {"compress_s_incl_calibration": compress_s,
-                                      "ppl": score(model)}
+                                      "ppl": score(model)} | zeroshot(model)
             del row["calibration"]
             if method == "svd-llm":
                 closed_form = {x.name: x.objective for x in report.layers}
@@ -84,17 +98,24 @@ def quality_table(
             log.info("%s @ %.0f%%: %s", method, 100 * ratio, row["ppl"])
             del model
     return {"calibration": provenance | {"wall_s": calib_s}, "windows": windows,
-            "seq_len": seq_len, "rows": rows}
+            "seq_len": seq_len, "rows": rows, "tasks": list(tasks or []), "task_limit": task_limit}
 
 
 def render_markdown(result: dict) -> str:
     """A markdown table of :func:`quality_table`'s result."""
     corpora = list(result["rows"][0]["ppl"])
+    tasks = list(result["rows"][0].get("zeroshot", {}).get("tasks", {}))
     head = "| method | target | achieved | " + " | ".join(f"ppl {c}" for c in corpora)
+    if tasks:
+        head += " | " + " | ".join(f"{t} acc" for t in tasks) + " | avg acc"
     head += " | ε | distinct ranks | dense layers | ALS/closed-form (max) | compress s |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
         ppl = " | ".join(f"{r['ppl'][c]:.2f}" for c in corpora)
+        if tasks:
+            zs = r["zeroshot"]
+            ppl += " | " + " | ".join(f"{100 * zs['tasks'][t]['acc']:.1f}" for t in tasks)
+            ppl += f" | {100 * zs['average_acc']:.1f}"
         if r["method"] == "dense":
             lines.append(f"| dense | - | - | {ppl} | | | | | |")
             continue
@@ -108,3 +129,97 @@ def render_markdown(result: dict) -> str:
             f"{eps} | {r['distinct_ranks']} | {r['dense_layers']} | {als_txt} | "
             f"{r['compress_s_incl_calibration']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+#: ``make reproduce`` defaults: the paper's Table 1 shape on the embedded model, sized for a
+#: 2-core CPU (under an hour): 26 rows × (perplexity + 5 tasks × REPRO_TASK_LIMIT items).
+REPRO_METHODS = ("svd", "asvd", "svd-llm", "svd-als", "pgsvd")
+REPRO_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+REPRO_TASK_LIMIT = 50
+
+
+def plot_perplexity(result: dict, path, corpus: str) -> bool:
+    """Perplexity vs compression, one line per method (log scale). False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: plot %s skipped", path)
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dense = next(r for r in result["rows"] if r["method"] == "dense")["ppl"][corpus]
+    for method in dict.fromkeys(r["method"] for r in result["rows"] if r["method"] != "dense"):
+        pts = sorted((r["target_ratio"], r["ppl"][corpus]) for r in result["rows"]
+                     if r["method"] == method)
+        ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=method)
+    ax.axhline(dense, color="gray", linestyle="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("compression of the linear layers (%)")
+    ax.set_ylabel(f"perplexity ({corpus})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def reproduce(
+    out_dir,
+    model: str = "smollm2-135m",
+    methods: tuple[str, ...] = REPRO_METHODS,
+    ratios: tuple[float, ...] = REPRO_RATIOS,
+    tasks: tuple[str, ...] | None = None,
+    task_limit: int | None = REPRO_TASK_LIMIT,
+    text_file: str | None = "../shared/data/wikitext-2-raw/wiki.test.raw",
+    windows: int = 24,
+    seq_len: int = 512,
+    calib: CalibConfig | None = None,
+    progress: bool = True,
+) -> dict:
+    """The paper's Table 1 shape: perplexity + average zero-shot accuracy for every method × ratio.
+
+    Writes ``<out_dir>/<stem>.json``, ``.md`` and (with matplotlib) ``-ppl.png``; returns the
+    result. Perplexity: WikiText-2 when ``text_file`` exists, else the held-out wiki slice.
+    """
+    import datetime
+    import json
+    import platform
+    from pathlib import Path
+
+    from pgsvd_rt import data, models
+    from pgsvd_rt.eval.zeroshot import DEFAULT_TASKS
+
+    t0 = time.perf_counter()
+    tasks = tuple(tasks or DEFAULT_TASKS)
+    calib = calib or CalibConfig()
+    dense, tok, source = models.load(model)
+    if text_file and Path(text_file).is_file():
+        corpus, ids = "wikitext2", data.eval_ids(tok, text_file)[0]
+    else:
+        log.warning("%s not found: perplexity on the held-out wiki-offline slice", text_file)
+        corpus, ids = "wiki-heldout", data.eval_ids(tok)[0]
+    result = quality_table(dense, tok, {corpus: ids}, list(methods), list(ratios), calib,
+                           windows=windows, seq_len=seq_len, progress=progress,
+                           tasks=list(tasks), task_limit=task_limit)
+    date = datetime.date.today().isoformat()
+    result |= {"model": source.describe(), "device": f"CPU ({platform.processor() or 'x86_64'})",
+               "date": date, "wall_s": time.perf_counter() - t0}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"cpu-{date}-reproduce-{model.replace('/', '_')}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    plotted = plot_perplexity(result, out / f"{stem}-ppl.png", corpus)
+    limit_txt = "all" if task_limit is None else f"the first {task_limit}"
+    md = (f"# Reproduction table, {result['model']}\n\n{result['device']}, {date}. Calibration "
+          f"{calib.samples} x {calib.seq_len} wiki-offline tokens; perplexity ({corpus}) over "
+          f"{windows} x {seq_len}-token windows; zero-shot acc (%) on {limit_txt} documents of "
+          f"{', '.join(tasks)} (lm-eval prompts and scoring, `pgsvd_rt.eval.zeroshot`).\n\n"
+          + render_markdown(result)
+          + (f"\n![perplexity vs compression]({stem}-ppl.png)\n" if plotted else "")
+          + f"\nTotal wall time {result['wall_s']:.0f} s.\n")
+    (out / f"{stem}.md").write_text(md)
+    result["files"] = [str(out / f"{stem}.{ext}") for ext in ("json", "md")]
+    return result

@@ -187,12 +187,18 @@ def load_factored(
     manifest = read_manifest(directory)
     state = _read_tensors(directory, manifest, verify)
     config = AutoConfig.from_pretrained(directory)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
+    if config.model_type not in (*SUPPORTED_MODEL_TYPES, "clip"):
         raise ValueError(f"checkpoint {str(directory)!r}: unsupported architecture "
                          f"{config.model_type!r}")
     with init_empty_weights():  # parameters on meta; buffers (rotary) are built for real
-        model = AutoModelForCausalLM.from_config(config)
-    check_supported(model)
+        if config.model_type == "clip":  # two-tower VLM (pgsvd_rt.compress.vlm)
+            from transformers import CLIPModel
+
+            model = CLIPModel(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    if config.model_type != "clip":
+        check_supported(model)
     skeleton = {}
     for name, m in manifest["modules"].items():
         for key in ("u", "v") + (("bias",) if m["bias"] else ()):

@@ -47,11 +47,15 @@ def test_gqa_and_bias_qwen2(qwen2):
     assert torch.isfinite(qwen2(random_ids(1, 8)).logits).all()
 
 
-def test_als_objective_within_one_percent_of_closed_form(llama):
-    report = compress_(llama, CompressConfig(method="svd-als", ratio=0.4), stats=_stats(llama),
-                       compare_closed_form=True, progress=False)
+def test_als_converges_to_the_closed_form(llama):
+    # Tiny random models converge more slowly than real layers (the 10-iteration, 1% claim is
+    # checked on the embedded model in tests/test_embedded.py); the fixed point is the same.
+    config = CompressConfig(method="svd-als", ratio=0.4, als_iters=200)
+    report = compress_(llama, config, stats=_stats(llama), compare_closed_form=True,
+                       progress=False)
     for layer in report.layers:
-        assert layer.objective <= 1.01 * layer.closed_form_objective, layer
+        ratio = layer.objective / layer.closed_form_objective
+        assert ratio <= 1 + 1e-3, f"{layer.name}: ALS/closed form = {ratio:.6f}"
 
 
 def test_per_class_eps(llama):

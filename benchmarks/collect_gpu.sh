@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Merge the tarballs that benchmarks/gpu_all.sh left in $OUT (fetched here by the device tool)
+# into benchmarks/results/<device>-<date>-raw/ and render <device>-<date>.json/.md/*.png.
+#   benchmarks/collect_gpu.sh /work/.device/.../gpu-kernels.tar.gz /work/.device/.../gpu-e2e.tar.gz
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ $# -gt 0 ] || { echo "usage: $0 gpu-PHASE.tar.gz ..." >&2; exit 2; }
+tmp=$(mktemp -d)
+mkdir -p "$tmp/raw/logs"
+i=0
+for t in "$@"; do
+  i=$((i + 1))
+  mkdir -p "$tmp/x$i"
+  tar xzf "$t" -C "$tmp/x$i"
+  cp "$tmp/x$i"/raw/* "$tmp/raw/" 2>/dev/null || true
+  for f in "$tmp/x$i"/steps.txt "$tmp/x$i"/*.xml "$tmp/x$i"/*.log; do
+    [ -f "$f" ] && cp "$f" "$tmp/raw/logs/$(basename "$t" .tar.gz)-$(basename "$f")"
+  done
+done
+stem=$("$PY" benchmarks/report.py "$tmp/raw" --out "$tmp/report" --no-plots | sed -n 's/^wrote \(.*\)\.json,.*/\1/p')
+name=$(basename "$stem")
+dest=benchmarks/results/$name-raw
+mkdir -p "$dest"
+cp -r "$tmp/raw/." "$dest/"
+"$PY" benchmarks/report.py "$dest" --out benchmarks/results
+rm -rf "$tmp"
