@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
 
 import torch
@@ -178,11 +179,15 @@ def reproduce(
     seq_len: int = 512,
     calib: CalibConfig | None = None,
     progress: bool = True,
+    heldout: bool = False,
+    name: str = "reproduce",
 ) -> dict:
     """The paper's Table 1 shape: perplexity + average zero-shot accuracy for every method × ratio.
 
-    Writes ``<out_dir>/<stem>.json``, ``.md`` and (with matplotlib) ``-ppl.png``; returns the
-    result. Perplexity: WikiText-2 when ``text_file`` exists, else the held-out wiki slice.
+    Writes ``<out_dir>/cpu-<date>-<name>-<model>.json``, ``.md`` and (with matplotlib)
+    ``-ppl.png``; returns the result. Perplexity: WikiText-2 when ``text_file`` exists, else the
+    held-out wiki slice; ``heldout`` adds the held-out slice as a second column. ``tasks=()``
+    scores no zero-shot task (None: :data:`pgsvd_rt.eval.zeroshot.DEFAULT_TASKS`).
     """
     import datetime
     import json
@@ -193,33 +198,38 @@ def reproduce(
     from pgsvd_rt.eval.zeroshot import DEFAULT_TASKS
 
     t0 = time.perf_counter()
-    tasks = tuple(tasks or DEFAULT_TASKS)
+    tasks = DEFAULT_TASKS if tasks is None else tuple(tasks)
     calib = calib or CalibConfig()
     dense, tok, source = models.load(model)
+    texts = {}
     if text_file and Path(text_file).is_file():
-        corpus, ids = "wikitext2", data.eval_ids(tok, text_file)[0]
+        texts["wikitext2"] = data.eval_ids(tok, text_file)[0]
     else:
         log.warning("%s not found: perplexity on the held-out wiki-offline slice", text_file)
-        corpus, ids = "wiki-heldout", data.eval_ids(tok)[0]
-    result = quality_table(dense, tok, {corpus: ids}, list(methods), list(ratios), calib,
+    if heldout or not texts:
+        texts["wiki-heldout"] = data.eval_ids(tok)[0]
+    corpus = next(iter(texts))
+    result = quality_table(dense, tok, texts, list(methods), list(ratios), calib,
                            windows=windows, seq_len=seq_len, progress=progress,
                            tasks=list(tasks), task_limit=task_limit)
     date = datetime.date.today().isoformat()
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     result |= {"model": source.describe(), "device": f"CPU ({platform.processor() or 'x86_64'})",
-               "date": date, "wall_s": time.perf_counter() - t0}
+               "date": date, "wall_s": time.perf_counter() - t0, "command": command}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu-{date}-reproduce-{model.replace('/', '_')}"
+    stem = f"cpu-{date}-{name}-{model.replace('/', '_')}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     plotted = plot_perplexity(result, out / f"{stem}-ppl.png", corpus)
     limit_txt = "all" if task_limit is None else f"the first {task_limit}"
-    md = (f"# Reproduction table, {result['model']}\n\n{result['device']}, {date}. Calibration "
-          f"{calib.samples} x {calib.seq_len} wiki-offline tokens; perplexity ({corpus}) over "
-          f"{windows} x {seq_len}-token windows; zero-shot acc (%) on {limit_txt} documents of "
-          f"{', '.join(tasks)} (lm-eval prompts and scoring, `pgsvd_rt.eval.zeroshot`).\n\n"
+    zs_txt = (f"; zero-shot acc (%) on {limit_txt} documents of {', '.join(tasks)} (lm-eval "
+              "prompts and scoring, `pgsvd_rt.eval.zeroshot`)") if tasks else ""
+    md = (f"# Accuracy table, {result['model']}\n\n{result['device']}, {date}. Calibration "
+          f"{calib.samples} x {calib.seq_len} wiki-offline tokens; perplexity "
+          f"({', '.join(texts)}) over {windows} x {seq_len}-token windows{zs_txt}.\n\n"
           + render_markdown(result)
           + (f"\n![perplexity vs compression]({stem}-ppl.png)\n" if plotted else "")
-          + f"\nTotal wall time {result['wall_s']:.0f} s.\n")
+          + f"\nTotal wall time {result['wall_s']:.0f} s. Command: `{command}`\n")
     (out / f"{stem}.md").write_text(md)
     result["files"] = [str(out / f"{stem}.{ext}") for ext in ("json", "md")]
     return result
