@@ -119,8 +119,16 @@ def _allocate(config: CompressConfig, specs, spectra) -> tuple[list[int | None],
     return ranks, eps
 
 
-def _solve_als(jobs, weights, grams, config, progress) -> dict[int, tuple]:
-    """ALS for every job index, batched by equal (N, M, R)."""
+def solve_als(jobs, weights, grams, config, progress) -> dict[int, tuple]:
+    """ALS for every job, batched by equal (N, M, R) into ``pgsvd::als_solve`` calls.
+
+    Args:
+        jobs: (layer index, rank) pairs. weights / grams: float64 (N, M) / (M, M) per index.
+        config: a CompressConfig (als_iters, als_ridge).
+
+    Returns:
+        index -> (A, B, False) (the third item mirrors svdllm_factors' fallback flag).
+    """
     groups = defaultdict(list)
     for i, R in jobs:
         groups[(*weights[i].shape, R)].append(i)
@@ -192,7 +200,7 @@ def compress_(
     grams = [stats[s.input_key].gram for s in specs] if needs_grams else None
     jobs = [(i, R) for i, R in enumerate(ranks) if R is not None]
     if config.method in ("svd-als", "pgsvd"):
-        factors = _solve_als(jobs, weights, grams, config, progress)
+        factors = solve_als(jobs, weights, grams, config, progress)
     else:
         factors = {}
         for i, R in tqdm(jobs, desc=config.method, disable=not progress, unit="layer"):

@@ -30,7 +30,7 @@ from torch import nn
 
 from pgsvd_rt.compress import ranks as rk
 from pgsvd_rt.compress.calibration import InputStats
-from pgsvd_rt.compress.pipeline import _solve_als
+from pgsvd_rt.compress.pipeline import solve_als
 from pgsvd_rt.config import CompressConfig
 from pgsvd_rt.models import LinearSpec
 from pgsvd_rt.nn import LowRankLinear, replace_linear
@@ -195,7 +195,7 @@ def compress_clip_(
 
     def factors_for(ranks):
         jobs = [(i, R) for i, R in enumerate(ranks) if R is not None and (i, R) not in cache]
-        for i, (A, B, _) in _solve_als(jobs, weights, grams, config, progress).items():
+        for i, (A, B, _) in solve_als(jobs, weights, grams, config, progress).items():
             cache[(i, ranks[i])] = (A, B)
         return {specs[i].name: cache[(i, R)] for i, R in enumerate(ranks) if R is not None}
 
