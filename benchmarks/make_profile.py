@@ -100,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     small = smollm2_spectra()
-    src_layers = sorted(small, key=lambda bp: (bp[0], PROJS.index(bp[1])))
     docs = {
         "smollm2-135m": "PGSVD ranks from the embedded model's own spectra (ranks.allocate), "
                         "uniform svd-als ranks int((1-rho)NK/(N+K)).",

@@ -104,7 +104,9 @@ def _check_stats(specs: list[LinearSpec], stats: dict[str, InputStats]) -> None:
             raise ValueError(f"calibration statistics of {s.input_key!r} contain NaN/Inf")
 
 
-def _allocate(config: CompressConfig, specs, spectra) -> tuple[list[int | None], float | dict | None]:
+def _allocate(
+    config: CompressConfig, specs, spectra
+) -> tuple[list[int | None], float | dict | None]:
     if config.method != "pgsvd":
         return [rk.uniform_rank(s.out_features, s.in_features, config.ratio) for s in specs], None
     if not config.per_class_eps:

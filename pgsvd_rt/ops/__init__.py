@@ -5,13 +5,16 @@ the dispatcher picks the backend from the tensors' device.
 
 Owners (op × backend):
 
-======================  ===========================  ==============================  ===============
-op                      default (any device)         CPU                             CUDA
-======================  ===========================  ==============================  ===============
-lowrank_matmul          ops/reference.py             default                         kernels/lowrank_matmul.py (Triton)
-lowrank_matmul_grouped  ops/_library.py (per group)  default                         kernels/lowrank_matmul.py (Triton)
-als_solve               ops/reference.py             csrc/als_solve.cpp (C++/ATen)   csrc/als_solve.cpp (ATen, CUDAExtension build)
-======================  ===========================  ==============================  ===============
+======================  ===========================  ===================  ===================
+op                      default (any device)         CPU                  CUDA
+======================  ===========================  ===================  ===================
+lowrank_matmul          ops/reference.py             default              kernels/ (Triton)
+lowrank_matmul_grouped  ops/_library.py (per group)  default              kernels/ (Triton)
+als_solve               ops/reference.py             csrc/als_solve.cpp   csrc/als_solve.cpp
+======================  ===========================  ===================  ===================
+
+Triton kernels live in kernels/lowrank_matmul.py; csrc/als_solve.cpp serves CUDA through ATen
+when built as a CUDAExtension (a CUDA build of torch).
 
 A missing backend (no Triton, no compiled extension) is logged once and the default serves.
 """
@@ -20,8 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from pgsvd_rt.ops import _library  # noqa: F401  (defines the schemas)
-from pgsvd_rt.ops import _backends
+from pgsvd_rt.ops import (
+    _backends,
+    _library,  # noqa: F401  (defines the schemas)
+)
 
 _backends.load_all()
 

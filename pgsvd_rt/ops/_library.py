@@ -14,7 +14,8 @@ _lib = torch.library.Library("pgsvd", "DEF")  # noqa: TOR901 - the namespace own
 
 _lib.define("lowrank_matmul(Tensor x, Tensor u, Tensor v, Tensor? bias=None) -> Tensor")
 _lib.define(
-    "als_solve(Tensor W, Tensor G, Tensor A0, Tensor B0, int iters, float ridge) -> (Tensor, Tensor)"
+    "als_solve(Tensor W, Tensor G, Tensor A0, Tensor B0, int iters, float ridge)"
+    " -> (Tensor, Tensor)"
 )
 
 
