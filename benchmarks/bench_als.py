@@ -40,6 +40,7 @@ from pgsvd_rt.compress.ranks import uniform_rank
 from pgsvd_rt.ops import _native, reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
 from benchlib import MODELS, block_linears, device_name  # noqa: E402
 from benchlib import shape_groups as bench_shape_groups  # noqa: E402
 
@@ -109,6 +110,13 @@ def _batch_size(Bt: int, N: int, M: int, R: int, dtype, device: str) -> int:
     return max(1, min(Bt, int(0.5 * free // per)))
 
 
+def als_flops(N: int, M: int, R: int, iters: int) -> float:
+    """FLOPs of the native program for one layer: per iteration five GEMMs (B Gᵀ, B G Bᵀ,
+    (W G Bᵀ)ᵀ, Aᵀ A, Aᵀ W), two R×R Cholesky factorisations and their triangular solves."""
+    gemm = R * M * M + R * R * M + R * M * N + R * R * N + R * N * M
+    return iters * (2 * gemm + 2 * R * R * (N + M) + 2 * R**3 / 3)
+
+
 def _rel_obj_diff(W, G, A, B, Ar, Br) -> float:
     def f(A_, B_):
         E = (W - A_ @ B_).double()
@@ -167,6 +175,7 @@ def bench_group(name, N, M, layers, rho, dtype, device, iters, repeats,
         "group": name, "N": N, "M": M, "R": R, "layers": layers, "batch": Bt,
         "budget": rho, "dtype": str(dtype).replace("torch.", ""), "iters": iters,
         "native_s": med_n, "loop_s": med_l, "ratio_loop_over_native": med_l / med_n,
+        "native_GFLOPs": als_flops(N, M, R, iters) * layers / med_n / 1e9,
         "native_cpu_s": cpu_n, "loop_cpu_s": cpu_l, "cpu_ratio_loop_over_native": cpu_l / cpu_n,
         "native_runs_wall_cpu_s": t_native, "loop_runs_wall_cpu_s": t_loop,
         "max_rel_objective_diff": agree,
@@ -197,6 +206,14 @@ def time_jit_build() -> dict:
             "max_jobs": os.environ.get("MAX_JOBS", f"ninja default ({os.cpu_count()} cpus)")}
 
 
+def _gflops_txt(r: dict, ceil: dict) -> str:
+    g = r.get("native_GFLOPs")
+    if g is None:
+        return ""
+    c = ceil.get(r["dtype"])
+    return f"{g:.1f}" + (f" ({100 * g / c:.0f}%)" if c else "")
+
+
 def render_markdown(report: dict) -> str:
     m = report["meta"]
     lines = [
@@ -213,24 +230,30 @@ def render_markdown(report: dict) -> str:
         b = report["build"]
         sec = f"{b['seconds']:.1f} s" if b.get("seconds") is not None else "failed"
         lines.append(f"- extension build time: {sec} ({b['method']})")
+    ceil = report.get("ceiling_GFLOPs") or {}
     lines += ["", "Wall = elapsed seconds; CPU = process CPU seconds of all threads (on a shared "
-              "machine the wall time also counts waiting for other processes).", "",
+              "machine the wall time also counts waiting for other processes). Native GFLOP/s = "
+              "the FLOPs of the ALS program (`als_flops`: five GEMMs, two R×R Cholesky and their "
+              "solves per iteration) over native wall time; the ceiling is an n³ matmul measured "
+              "in the same run: " + (", ".join(f"{d} {g:.1f} GFLOP/s" for d, g in ceil.items())
+                                      or "not measured") + ".", "",
               "| budget | dtype | group | N×M | R | layers | batch | native wall s | loop wall s "
-              "| loop/native wall | native CPU s | loop CPU s | loop/native CPU | max rel Δobj |",
-              "|---" * 14 + "|"]
+              "| loop/native wall | native CPU s | loop CPU s | loop/native CPU | native GFLOP/s "
+              "(% of ceiling) | max rel Δobj |",
+              "|---" * 15 + "|"]
     for r in report["results"]:
         lines.append(
             f"| {r['budget']:.0%} | {r['dtype']} | {r['group']} | {r['N']}×{r['M']} | {r['R']} | "
             f"{r['layers']} | {r['batch']} | {r['native_s']:.3f} | {r['loop_s']:.3f} | "
             f"{r['ratio_loop_over_native']:.2f}× | {r['native_cpu_s']:.3f} | "
             f"{r['loop_cpu_s']:.3f} | {r['cpu_ratio_loop_over_native']:.2f}× | "
-            f"{r['max_rel_objective_diff']:.1e} |")
+            f"{_gflops_txt(r, ceil)} | {r['max_rel_objective_diff']:.1e} |")
     for t in report["totals"]:
         lines.append(
             f"| **{t['budget']:.0%}** | **{t['dtype']}** | **all** | | | {t['layers']} | | "
             f"**{t['native_s']:.2f}** | **{t['loop_s']:.2f}** | **{t['ratio']:.2f}×** | "
             f"**{t['native_cpu_s']:.2f}** | **{t['loop_cpu_s']:.2f}** | "
-            f"**{t['cpu_ratio']:.2f}×** | |")
+            f"**{t['cpu_ratio']:.2f}×** | | |")
     cf = [r for r in report["results"] if "closed_form_s" in r]
     if cf:
         lines += ["", "SVD-LLM closed form (Cholesky whitening + SVD per layer; timed on a few "
@@ -314,6 +337,9 @@ def _run(a: argparse.Namespace, p: argparse.ArgumentParser) -> dict:
             "repeats": repeats, "smoke": a.smoke, "native_available": ops.native_available(),
             "native_build_info": _native.module.build_info() if _native.module else None,
         },
+        "ceiling_GFLOPs": {str(d)[6:]: 1e3 * benchlib.matmul_tflops(a.device, d, 256 if a.smoke
+                                                                       else 2048)
+                           for d in dtypes},
         "build": None if (a.smoke or a.no_build) else time_jit_build(),
         "results": results,
         "totals": totals,

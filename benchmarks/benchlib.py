@@ -9,14 +9,14 @@ Shape letters: M tokens per step, K in_features, N out_features, R rank. Keep ra
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import platform
 import re
 import statistics
-import subprocess
 import time
 
 import torch
+
+from pgsvd_rt.device import device_name  # noqa: F401  (re-exported for the scripts)
 
 #: Public configs (config.json of each checkpoint): hidden, intermediate, heads, kv heads, blocks,
 #: vocabulary, rope theta. Only these fields change latency; weights are random in benchmarks.
@@ -123,29 +123,18 @@ def ceilings(device: str) -> dict:
     ms = time_cuda(lambda: dst.copy_(src))[0]
     bw = 2 * src.numel() / (ms * 1e-3) / 1e9
     src = dst = None  # free 2 GiB before the matmul
-    n = 8192
-    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = time_cuda(lambda: x @ y)[0]
-    return {"bandwidth_GBps": bw, "bf16_TFLOPs": 2 * n**3 / (ms * 1e-3) / 1e12}
+    return {"bandwidth_GBps": bw, "bf16_TFLOPs": matmul_tflops("cuda", torch.bfloat16, 8192)}
+
+
+def matmul_tflops(device: str, dtype: torch.dtype, n: int) -> float:
+    """Measured TFLOP/s of an n^3 matmul: the compute ceiling of ``dtype`` on ``device``."""
+    x = torch.randn(n, n, device=device, dtype=dtype)
+    y = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_cuda(lambda: x @ y)[0] if device == "cuda" else time_cpu(lambda: x @ y, reps=3)[0]
+    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 # ------------------------------------------------------------------------------------------ naming
-def device_name(device: str | None = None) -> str:
-    """GPU name, or ``CPU: <model>, <threads> torch threads`` (results are keyed by it)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(ln.split(":", 1)[1].strip() for ln in out.splitlines()
-                     if ln.startswith("Model name"))
-    except Exception:
-        pass
-    return f"CPU: {model}, {torch.get_num_threads()} torch threads ({os.cpu_count()} logical cpus)"
-
-
 def device_slug(name: str) -> str:
     """File-name key of a device name: ``nvidia-h100-80gb-hbm3``, ``cpu-intel-r-xeon-r``."""
     name = name.split(",")[0]  # drop the thread count from CPU names

@@ -19,6 +19,7 @@ sqlitedict, more-itertools, word2number, sacrebleu, portalocker, tabulate, color
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from pgsvd_rt import models  # noqa: E402
+from pgsvd_rt.device import device_name  # noqa: E402
 from pgsvd_rt.eval import tasks as T  # noqa: E402
 from pgsvd_rt.eval.zeroshot import evaluate_tasks  # noqa: E402
 
@@ -128,7 +130,10 @@ def main() -> int:
     t2 = time.perf_counter()
     import lm_eval
 
-    report = {"model": source.describe(), "limit": args.limit,
+    report = {"model": source.describe(), "device": device_name("cpu"),
+              "date": datetime.date.today().isoformat(),
+              "command": " ".join(["python", "benchmarks/lmeval_crosscheck.py", *sys.argv[1:]]),
+              "limit": args.limit,
               "lm_eval_version": getattr(lm_eval, "__version__", "?"),
               "tasks": compare(ours["items"], theirs),
               "wall_s": {"pgsvd_rt": t1 - t0, "lm_eval": t2 - t1}}
@@ -136,7 +141,7 @@ def main() -> int:
     print(text)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "lmeval_crosscheck.json").write_text(text)
+        (Path(args.out) / f"cpu-{report['date']}-lmeval-crosscheck.json").write_text(text)
     return 0
 
 

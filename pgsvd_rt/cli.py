@@ -68,13 +68,15 @@ def _cmd_reproduce(args) -> dict:
 
     calib = CalibConfig(samples=args.calib_samples, seq_len=args.seq_len)
     result = reproduce(args.out, model=args.model, methods=tuple(args.methods),
-                       ratios=tuple(args.ratios), tasks=tuple(args.tasks.split(",")),
+                       ratios=tuple(args.ratios),
+                       tasks=tuple(t for t in args.tasks.split(",") if t),
                        task_limit=args.limit or None, text_file=args.text_file,
                        windows=args.windows, seq_len=args.seq_len, calib=calib,
                        progress=not args.json)
     return {"files": result["files"], "wall_s": result["wall_s"],
             "rows": [{k: r.get(k) for k in ("method", "target_ratio", "achieved_ratio", "ppl")}
-                     | {"avg_acc": r["zeroshot"]["average_acc"]} for r in result["rows"]]}
+                     | {"avg_acc": r.get("zeroshot", {}).get("average_acc")}
+                     for r in result["rows"]]}
 
 
 def _cmd_info(args) -> dict:
@@ -165,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--methods", nargs="+", default=["svd", "asvd", "svd-llm", "svd-als", "pgsvd"],
                    choices=["svd", "asvd", "svd-llm", "svd-als", "pgsvd"])
     r.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
-    r.add_argument("--tasks", default="arc_easy,piqa,winogrande,lambada,hellaswag")
+    r.add_argument("--tasks", default="arc_easy,piqa,winogrande,lambada,hellaswag",
+                   help="comma-separated zero-shot tasks; '' for perplexity only")
     r.add_argument("--limit", type=int, default=50,
                    help="first N documents of each task; 0: full sets")
     r.add_argument("--text-file", default="../shared/data/wikitext-2-raw/wiki.test.raw")

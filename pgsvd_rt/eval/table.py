@@ -109,7 +109,8 @@ def render_markdown(result: dict) -> str:
     head = "| method | target | achieved | " + " | ".join(f"ppl {c}" for c in corpora)
     if tasks:
         head += " | " + " | ".join(f"{t} acc" for t in tasks) + " | avg acc"
-    head += " | ε | distinct ranks | dense layers | ALS/closed-form (max) | compress s |"
+    head += (" | ε | distinct ranks | dense layers | ALS/closed-form (max) |"
+             " compress s (incl. calibration) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
         ppl = " | ".join(f"{r['ppl'][c]:.2f}" for c in corpora)
@@ -191,10 +192,10 @@ def reproduce(
     """
     import datetime
     import json
-    import platform
     from pathlib import Path
 
     from pgsvd_rt import data, models
+    from pgsvd_rt.device import device_name
     from pgsvd_rt.eval.zeroshot import DEFAULT_TASKS
 
     t0 = time.perf_counter()
@@ -213,8 +214,9 @@ def reproduce(
                            windows=windows, seq_len=seq_len, progress=progress,
                            tasks=list(tasks), task_limit=task_limit)
     date = datetime.date.today().isoformat()
-    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    result |= {"model": source.describe(), "device": f"CPU ({platform.processor() or 'x86_64'})",
+    prog = Path(sys.argv[0]).name
+    command = " ".join(["pgsvd" if prog in ("cli.py", "pgsvd") else prog, *sys.argv[1:]])
+    result |= {"model": source.describe(), "device": device_name("cpu"),
                "date": date, "wall_s": time.perf_counter() - t0, "command": command}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

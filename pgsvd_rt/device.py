@@ -1,0 +1,24 @@
+"""The name of the device a result was measured on (results files are keyed by it)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+import torch
+
+
+def device_name(device: str | None = None) -> str:
+    """GPU name, or ``CPU: <model>, <threads> torch threads (<n> logical cpus)``."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(ln.split(":", 1)[1].strip() for ln in out.splitlines()
+                     if ln.startswith("Model name"))
+    except Exception:  # no lscpu, or no model line: keep the platform's word
+        pass
+    return f"CPU: {model}, {torch.get_num_threads()} torch threads ({os.cpu_count()} logical cpus)"
