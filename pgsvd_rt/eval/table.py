@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shlex
 import sys
 import time
 
@@ -215,7 +216,7 @@ def reproduce(
                            tasks=list(tasks), task_limit=task_limit)
     date = datetime.date.today().isoformat()
     prog = Path(sys.argv[0]).name
-    command = " ".join(["pgsvd" if prog in ("cli.py", "pgsvd") else prog, *sys.argv[1:]])
+    command = shlex.join(["pgsvd" if prog in ("cli.py", "pgsvd") else prog, *sys.argv[1:]])
     result |= {"model": source.describe(), "device": device_name("cpu"),
                "date": date, "wall_s": time.perf_counter() - t0, "command": command}
     out = Path(out_dir)
