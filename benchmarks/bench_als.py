@@ -16,7 +16,7 @@ Usage::
 
 W, the Grams (G = X Xᵀ, X with a decaying spectrum) and the initial factors are random: values do
 not change the work done (Cholesky succeeds on both paths). Each layer has its own Gram, as q and o
-do in the real model. Writes ``<device>-<date>-als.json`` and ``.md`` into --out.
+do in the real model. Writes ``<device slug>-<date>-als.json`` and ``.md`` into --out.
 """
 
 from __future__ import annotations
@@ -345,7 +345,8 @@ def _run(a: argparse.Namespace, p: argparse.ArgumentParser) -> dict:
         "totals": totals,
     }
     os.makedirs(a.out, exist_ok=True)
-    stem = os.path.join(a.out, f"{a.device}-{now.strftime('%Y%m%d')}-als")
+    stem = os.path.join(a.out, f"{benchlib.device_slug(report['meta']['device'])}-"
+                               f"{benchlib.today()}-als")
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2, default=str)
     with open(stem + ".md", "w") as f:
