@@ -328,6 +328,8 @@ def _run(a: argparse.Namespace, p: argparse.ArgumentParser) -> dict:
                            "ratio": lp / n, "native_cpu_s": cn, "loop_cpu_s": cl,
                            "cpu_ratio": cl / cn, "layers": sum(r["layers"] for r in rs)})
 
+    # n^3 matmul for the compute ceiling: big enough to saturate the device, small in smoke mode.
+    ceiling_n = 256 if a.smoke else (8192 if a.device == "cuda" else 2048)
     now = dt.datetime.now(dt.timezone.utc)
     report = {
         "meta": {
@@ -337,8 +339,7 @@ def _run(a: argparse.Namespace, p: argparse.ArgumentParser) -> dict:
             "repeats": repeats, "smoke": a.smoke, "native_available": ops.native_available(),
             "native_build_info": _native.module.build_info() if _native.module else None,
         },
-        "ceiling_GFLOPs": {str(d)[6:]: 1e3 * benchlib.matmul_tflops(a.device, d, 256 if a.smoke
-                                                                       else 2048)
+        "ceiling_GFLOPs": {str(d)[6:]: 1e3 * benchlib.matmul_tflops(a.device, d, ceiling_n)
                            for d in dtypes},
         "build": None if (a.smoke or a.no_build) else time_jit_build(),
         "results": results,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from pgsvd_rt.config import METHODS, CalibConfig
 from pgsvd_rt.eval.table import reproduce
@@ -36,7 +37,7 @@ def main() -> int:
                        ratios=tuple(args.ratios), tasks=(), text_file=args.text_file,
                        windows=args.windows, seq_len=args.seq_len, heldout=True, name="quality",
                        calib=CalibConfig(samples=args.samples, seq_len=args.seq_len))
-    print(open(result["files"][1]).read())
+    print(Path(result["files"][1]).read_text())
     return 0
 
 
