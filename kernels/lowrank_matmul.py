@@ -46,6 +46,13 @@ Memory traffic and work (ideal, ``elem`` bytes per element):
     flops = 2*M*R*(K + N)
 plus the workspace: SPLIT_K*M*R*4 bytes written once and re-read from L2 once per N tile.
 
+Alignment: the loads of v and u are vectorised (16-byte) only when the compiler can prove their
+rows start 16-aligned, i.e. when R (their row stride, and the bound of the R masks) is a multiple
+of 16, as it is for x and y when K and N are. At an arbitrary PGSVD rank the factor loads fall
+back to 2-byte loads and several prefill configs spill registers (compiled for sm_80/sm_90 by
+benchmarks/kernel_resources.py, no GPU needed); ``pgsvd_rt.nn.pad_ranks_`` zero-pads the factors
+to R = 16k, which is exact and costs (R' - R)(K + N) elements per layer.
+
 Grouped projections (q/k/v, gate/up): ``v_cat`` (K, R_1 + ... + R_G) concatenates the v factors
 along R; phase 1 reads x once for all groups, phase 2 applies each ``u_g`` (N_g, R_g) to its own
 R-range and writes its own output. Up to MAX_GROUPS groups per launch.
@@ -74,26 +81,31 @@ def _cfg(bm, br, bk, bn, sk, warps, stages):
     )
 
 
+# GPU candidates. Every one compiles for sm_80 and sm_90, fits H100 shared memory (227 KiB) and
+# does not spill registers at 16-aligned bf16/fp16 shapes: benchmarks/kernel_resources.py checks
+# that on a CPU machine (tests/kernels/test_gpu_compile.py). The autotuner drops, on a smaller
+# GPU, a config that does not fit there (the 128x128x128 prefill tile needs 224 KiB).
+GPU_DECODE_CONFIGS = [
+    _cfg(16, br, bk, bn, sk, w, 3)
+    for (br, bk, bn, sk, w) in [
+        (16, 256, 64, 1, 4), (32, 256, 64, 1, 4), (16, 128, 32, 2, 4), (32, 128, 64, 2, 4),
+        (64, 128, 128, 1, 4), (16, 256, 128, 4, 4), (32, 256, 32, 4, 4), (64, 256, 64, 2, 8),
+    ]
+]
+GPU_PREFILL_CONFIGS = [
+    _cfg(bm, br, bk, bn, 1, w, s)
+    for (bm, br, bk, bn, w, s) in [
+        (128, 128, 64, 128, 8, 3), (64, 128, 64, 128, 4, 3), (128, 64, 64, 128, 8, 4),
+        (128, 64, 64, 128, 8, 3), (64, 64, 64, 64, 4, 4),
+    ]
+]
 # Interpreter: exactly one config per path (the autotuner cannot time without a GPU). The decode
 # one uses SPLIT_K=2 so CPU tests cover the split-K reduction.
 if _INTERPRET:
     _DECODE_CONFIGS = [_cfg(16, 16, 32, 32, 2, 4, 1)]
     _PREFILL_CONFIGS = [_cfg(16, 32, 32, 32, 1, 4, 1)]
 else:  # pragma: no cover - GPU only
-    _DECODE_CONFIGS = [
-        _cfg(16, br, bk, bn, sk, w, 3)
-        for (br, bk, bn, sk, w) in [
-            (16, 256, 64, 1, 4), (32, 256, 64, 1, 4), (16, 128, 32, 2, 4), (32, 128, 64, 2, 4),
-            (64, 128, 128, 1, 4), (16, 256, 128, 4, 4), (32, 256, 32, 4, 4), (64, 256, 64, 2, 8),
-        ]
-    ]
-    _PREFILL_CONFIGS = [
-        _cfg(bm, br, bk, bn, 1, w, s)
-        for (bm, br, bk, bn, w, s) in [
-            (128, 128, 64, 128, 8, 3), (64, 128, 64, 128, 4, 3), (128, 64, 64, 128, 4, 4),
-            (128, 128, 32, 64, 4, 4), (64, 64, 64, 64, 4, 4),
-        ]
-    ]
+    _DECODE_CONFIGS, _PREFILL_CONFIGS = GPU_DECODE_CONFIGS, GPU_PREFILL_CONFIGS
 _MAX_SPLIT_K = {True: max(c.kwargs["SPLIT_K"] for c in _DECODE_CONFIGS), False: 1}
 _MIN_BLOCK_M = 16
 
