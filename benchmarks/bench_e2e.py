@@ -48,6 +48,10 @@ import benchlib  # noqa: E402
 
 PROFILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
 VARIANTS = ("dense", "svd-als-20", "pgsvd-20", "svd-als-40", "pgsvd-40")
+# On request only: pgsvd's ranks with the factors zero-padded to R = 16k (pgsvd_rt.nn.pad_ranks_;
+# exact), to measure what aligned factors buy the fused kernel at arbitrary ranks.
+PAD_SUFFIX = "-pad16"
+PAD_VARIANTS = ("pgsvd-20" + PAD_SUFFIX, "pgsvd-40" + PAD_SUFFIX)
 HF_NAME = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
            "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
            "down": "mlp.down_proj"}
@@ -224,12 +228,16 @@ class Variant:
     def __init__(self, a, variant: str, device: str, dtype: torch.dtype) -> None:
         from pgsvd_rt.compress import ranks as rk
         from pgsvd_rt.models import linear_specs
+        from pgsvd_rt.nn import pad_ranks_
 
         name = "smoke" if a.smoke else a.model
         t0 = time.perf_counter()
         self.model, real = build_dense(name, device, dtype)
         if variant != "dense":
-            factorize_(self.model, load_ranks(name, variant, a.rank_multiple), real)
+            base = variant.removesuffix(PAD_SUFFIX)
+            factorize_(self.model, load_ranks(name, base, a.rank_multiple), real)
+            if variant != base:
+                pad_ranks_(self.model, 16)
         specs = linear_specs(self.model)
         rl = [getattr(self.model.get_submodule(s.name), "rank", None) for s in specs]
         self.res = {"variant": variant, "real_weights": real,
@@ -327,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "llama2-7b"])
     p.add_argument("--smoke", action="store_true", help="tiny random model; runs on CPU (CI)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                   choices=VARIANTS + PAD_VARIANTS)
     p.add_argument("--device", default=None, help="default: cuda if available")
     p.add_argument("--dtype", default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--prompts", type=int, nargs="+", default=None)

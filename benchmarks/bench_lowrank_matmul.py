@@ -9,12 +9,16 @@ keep ratio kappa in {0.8, 0.6, 0.4}, R = int(kappa * N * K / (N + K)); tokens pe
 {1, 16, 4096} ({1, 4, 16, 64, 256, 1024, 4096} with --full); fp16 and bf16. Providers:
 ``fused`` (the op, one launch), ``two_matmul`` ((x @ v) @ u.T), ``dense`` (F.linear with
 W = u @ v.T), and for q/k/v ``grouped`` (one launch for three projections) vs ``separate``
-(three fused launches). Timing: triton.testing.do_bench, median with the 0.2/0.8 quantiles (ms);
-decode rows (M <= 16) also under a CUDA graph (do_bench_cudagraph), which hides launch gaps.
-GB/s use each provider's own ideal bytes (dense moves N*K weights, low-rank K*R + N*R), TFLOP/s
-its own FLOPs; both are also given as a fraction of ceilings measured in the same run (a 1 GiB
+(three fused launches); where R is not a multiple of 16, ``fused_pad16`` is the fused op on
+the factors zero-padded to the next multiple (exact; what ``pgsvd_rt.nn.pad_ranks_`` does; its
+row carries the padded R and its bytes; not in fp16, whose extra autotuning would not fit the
+GPU call). Timing: triton.testing.do_bench, median with the 0.2/0.8 quantiles (ms); decode
+rows (M <= 16) also under a CUDA graph (do_bench_cudagraph), which hides launch gaps. GB/s
+use each provider's own ideal bytes (dense moves N*K weights, low-rank K*R + N*R), TFLOP/s its
+own FLOPs; both are also given as a fraction of ceilings measured in the same run (a 1 GiB
 device copy for bandwidth, an 8192^3 bf16 matmul for compute). Output: ``<device>-<date>.json``
-and ``.md`` in --out. Compare only results from the same device.
+and ``.md`` in --out, rewritten after every shape (``complete`` false until the end). Compare
+only results from the same device.
 """
 
 from __future__ import annotations
@@ -84,6 +88,13 @@ def run(args) -> dict:
         lambda fn, graph=False: time_cpu(fn))
     ceil = ceilings(device)
     rows = []
+    # Rewritten after every shape, so a run cut off by a time limit keeps what it measured.
+    res = {
+        "device": device_name(device), "device_type": device, "date": today(),
+        "torch": torch.__version__, "triton": versions()["triton"], "smoke": bool(args.smoke),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "ceilings": ceil, "rows": rows, "complete": False,
+    }
 
     def record(shape, M, N, K, R, kappa, dtype, name, fn, groups=1, graph=False):
         elem = torch.finfo(dtype).bits // 8
@@ -108,12 +119,20 @@ def run(args) -> dict:
                 u = torch.randn(N, R, device=device, dtype=dtype, generator=g) / R**0.5
                 v = torch.randn(K, R, device=device, dtype=dtype, generator=g) / K**0.5
                 W = u @ v.t()
+                pad16 = -R % 16  # PGSVD ranks are arbitrary; pgsvd_rt.nn.pad_ranks_ aligns them
+                up, vp = (F.pad(f, (0, pad16)) for f in (u, v))
                 for M in ms_list:
                     x = torch.randn(M, K, device=device, dtype=dtype, generator=g)
                     for name, fn in _providers(x, u, v, W, interp_kernel).items():
                         record(shape, M, N, K, R, kappa, dtype, name, fn)
                         if device == "cuda" and M <= 16:
                             record(shape, M, N, K, R, kappa, dtype, name, fn, graph=True)
+                    if R % 16 and dtype != torch.float16:  # R' = 16k, zeros (exact); bf16 only
+                        fused_pad = lambda: ops.lowrank_matmul(x, up, vp)  # noqa: B023,E731
+                        record(shape, M, N, K, R + pad16, kappa, dtype, "fused_pad16", fused_pad)
+                        if device == "cuda" and M <= 16:
+                            record(shape, M, N, K, R + pad16, kappa, dtype, "fused_pad16",
+                                   fused_pad, graph=True)
                     if shape in ("q/k/v/o", "tiny"):  # q/k/v share x: grouped vs separate
                         us, v_cat = [u, u, u], torch.cat([v, v, v], dim=1)
                         grouped = lambda: ops.lowrank_matmul_grouped(x, us, v_cat)  # noqa: B023,E731
@@ -123,13 +142,10 @@ def run(args) -> dict:
                             if device == "cuda" and M <= 16:
                                 record(shape, M, N, K, R, kappa, dtype, name, fn, groups=3,
                                        graph=True)
-                u = v = W = None  # free the factors before the next shape
-    return {
-        "device": device_name(device), "device_type": device, "date": today(),
-        "torch": torch.__version__, "triton": versions()["triton"], "smoke": bool(args.smoke),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-        "ceilings": ceil, "rows": rows,
-    }
+                u = v = W = up = vp = None  # free the factors before the next shape
+                write(args.out, res)
+    res["complete"] = True
+    return res
 
 
 def to_markdown(res: dict) -> str:
@@ -156,6 +172,18 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(out: str, res: dict) -> str:
+    """(Re)write ``<device>-<date>[-smoke].json/.md`` in ``out``; returns the path stem."""
+    os.makedirs(out, exist_ok=True)
+    slug = device_slug(res["device"])
+    stem = os.path.join(out, f"{slug}-{res['date']}{'-smoke' if res['smoke'] else ''}")
+    with open(stem + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(to_markdown(res))
+    return stem
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for <device>-<date>.json/.md")
@@ -163,13 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="M in {1,4,16,64,256,1024,4096}")
     args = p.parse_args(argv)
     res = run(args)
-    os.makedirs(args.out, exist_ok=True)
-    slug = device_slug(res["device"])
-    stem = os.path.join(args.out, f"{slug}-{res['date']}{'-smoke' if args.smoke else ''}")
-    with open(stem + ".json", "w") as f:
-        json.dump(res, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(to_markdown(res))
+    stem = write(args.out, res)
     sys.stdout.write(f"wrote {stem}.json and {stem}.md ({len(res['rows'])} rows)\n")
     return 0
 

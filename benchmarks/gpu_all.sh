@@ -158,10 +158,13 @@ phase_e2e_b() {
 phase_more() {
   deps
   install_quick
-  step e2e-smollm2 150 "$PY" benchmarks/bench_e2e.py --model smollm2-135m --out "$RAW"
-  suite mistral-llama3-bf16 mistral-7b,llama3-8b bf16 150
-  suite smollm2-bf16 smollm2-135m bf16 60
-  suite llama2-7b-fp16 llama2-7b fp16 150
+  # SmolLM2's PGSVD ranks are used as they are (arbitrary, not multiples of 16): pgsvd-40-pad16
+  # measures what zero-padding the factors to R = 16k buys the fused kernel end to end.
+  step e2e-smollm2 180 "$PY" benchmarks/bench_e2e.py --model smollm2-135m --out "$RAW" \
+    --variants dense pgsvd-40 pgsvd-40-pad16 svd-als-40 pgsvd-20 svd-als-20
+  suite mistral-llama3-bf16 mistral-7b,llama3-8b bf16 140
+  suite smollm2-bf16 smollm2-135m bf16 50
+  suite llama2-7b-fp16 llama2-7b fp16 140
 }
 
 echo "gpu_all.sh $PHASE: budget ${BUDGET}s, work dir $W" | tee "$STEPS"

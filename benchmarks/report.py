@@ -96,11 +96,13 @@ def headline(res: dict) -> list[str]:
         lines.append("")
     for e in res["e2e"]:
         vs = {v["variant"]: v for v in e["variants"] if "error" not in v}
-        if "dense" in vs and "pgsvd-40" in vs:
+        for var in ("pgsvd-40", "pgsvd-40-pad16"):
+            if "dense" not in vs or var not in vs:
+                continue
             sp = ", ".join(f"batch {a['batch']}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}×"
-                           for a, b in zip(vs["pgsvd-40"]["decode"], vs["dense"]["decode"],
+                           for a, b in zip(vs[var]["decode"], vs["dense"]["decode"],
                                            strict=False))
-            lines.append(f"- e2e decode speedup pgsvd-40 over dense ({e['meta']['model']}): {sp}")
+            lines.append(f"- e2e decode speedup {var} over dense ({e['meta']['model']}): {sp}")
     return lines + ([""] if lines else [])
 
 

@@ -1,9 +1,10 @@
 from pgsvd_rt.nn.grouped import GroupedLowRankLinear, GroupMember, group_projections_
-from pgsvd_rt.nn.lowrank import LowRankLinear, replace_linear
+from pgsvd_rt.nn.lowrank import LowRankLinear, pad_ranks_, replace_linear
 
 __all__ = [
     "LowRankLinear",
     "replace_linear",
+    "pad_ranks_",
     "GroupedLowRankLinear",
     "GroupMember",
     "group_projections_",

@@ -62,12 +62,46 @@ class LowRankLinear(nn.Module):
         """The (out_features, in_features) product u @ v.T (for analysis, not for serving)."""
         return self.u @ self.v.t()
 
+    @torch.no_grad()
+    def pad_rank_(self, multiple: int) -> LowRankLinear:
+        """Zero-pad u and v along R to the next multiple of ``multiple``, in place; exact.
+
+        The padded columns are zeros in both factors, so ``u @ v.T`` and every output are
+        unchanged. Why: the fused kernel vectorises its loads of u and v, and keeps its prefill
+        tiles in registers, only when R (the factors' row stride) is a multiple of 16; at an
+        arbitrary PGSVD rank it falls back to scalar loads and spills (compiled resources:
+        benchmarks/kernel_resources.py). Costs (R' - R) * (in_features + out_features) elements.
+        ``rank`` becomes the padded rank. Returns ``self``.
+        """
+        if not isinstance(multiple, int) or multiple < 1:
+            raise ValueError(f"pad_rank_: multiple must be a positive int, got {multiple!r}")
+        pad = -self.rank % multiple
+        if pad:
+            self.u = nn.Parameter(nn.functional.pad(self.u, (0, pad)),
+                                  requires_grad=self.u.requires_grad)
+            self.v = nn.Parameter(nn.functional.pad(self.v, (0, pad)),
+                                  requires_grad=self.v.requires_grad)
+            self.rank += pad
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.lowrank_matmul(x, self.u, self.v, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, bias={self.bias is not None}")
+
+
+def pad_ranks_(model: nn.Module, multiple: int = 16) -> nn.Module:
+    """:meth:`LowRankLinear.pad_rank_` on every LowRankLinear of ``model``; returns ``model``.
+
+    A serving transform: apply it after loading and before :func:`group_projections_` (groups
+    concatenate the factors as they are then). A model saved afterwards stores the padded ranks.
+    """
+    for m in model.modules():
+        if isinstance(m, LowRankLinear):
+            m.pad_rank_(multiple)
+    return model
 
 
 def replace_linear(model: nn.Module, replacements: Mapping[str, nn.Module]) -> nn.Module:

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from pgsvd_rt import ops
-from pgsvd_rt.nn import GroupedLowRankLinear, GroupMember, LowRankLinear, group_projections_
+from pgsvd_rt.nn import (
+    GroupedLowRankLinear,
+    GroupMember,
+    LowRankLinear,
+    group_projections_,
+    pad_ranks_,
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -156,6 +162,31 @@ def test_group_projections_llama_logits_and_generate():
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(tokens, ref_tokens)
     assert attn.qkv_group._cache_out is None  # every member served: nothing kept
+
+
+def test_pad_ranks_is_exact_and_groups():
+    model = _tiny_llama(rank=13)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+        ref_tokens = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
+    attn = model.model.layers[0].self_attn
+    w_before = attn.q_proj.dense_weight().detach().clone()
+    pad_ranks_(model, 16)
+    assert attn.q_proj.rank == 16 and tuple(attn.q_proj.u.shape) == (64, 16)
+    assert tuple(attn.q_proj.v.shape) == (64, 16) and not attn.q_proj.u[:, 13:].any()
+    assert torch.equal(attn.q_proj.dense_weight(), w_before)  # zero columns add exact zeros
+    pad_ranks_(model, 16)  # already a multiple: unchanged
+    assert attn.q_proj.rank == 16
+    group_projections_(model)
+    assert attn.qkv_group.ranks == [16, 16, 16]
+    with torch.no_grad():
+        logits = model(ids).logits
+        tokens = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tokens, ref_tokens)
+    with pytest.raises(ValueError, match="multiple must be a positive int, got 0"):
+        LowRankLinear(4, 4, 2).pad_rank_(0)
 
 
 def test_group_member_cache_tracks_input():
