@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype -> torch
+
 log = logging.getLogger("pgsvd_rt")
 
 
@@ -107,13 +109,26 @@ def _print_info(info: dict) -> None:
 
 
 def _cmd_generate(args) -> dict:
-    from pgsvd_rt import models
+    import torch
 
-    model, tokenizer, source = models.load(args.model)
+    from pgsvd_rt import models
+    from pgsvd_rt.nn import pad_ranks_
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:i], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: torch sees no CUDA device")
+    if args.pad_rank < 0:
+        raise ValueError(f"--pad-rank must be >= 0, got {args.pad_rank}")
+    model, tokenizer, source = models.load(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
     if tokenizer is None:
         raise ValueError(f"{args.model!r} has no tokenizer files")
-    text = models.generate_text(model, tokenizer, args.prompt, args.max_new_tokens)
-    return {"model": source.describe(), "prompt": args.prompt, "completion": text}
+    if args.pad_rank:
+        pad_ranks_(model, args.pad_rank)
+    text = models.generate_text(model.to(device), tokenizer, args.prompt, args.max_new_tokens)
+    return {"model": source.describe(), "prompt": args.prompt, "completion": text,
+            "device": device, "dtype": args.dtype}
 
 
 def _cmd_bench(args) -> dict:
@@ -183,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="smollm2-135m", help=model_help)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available); "
+                   "factored layers run the fused Triton kernel on CUDA, the reference on CPU")
+    g.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    g.add_argument("--pad-rank", type=int, default=0, metavar="MULTIPLE",
+                   help="zero-pad factor ranks to a multiple (16 aligns the kernel's loads; exact)")
 
     b = sub.add_parser("bench", help="run the benchmark suite (GPU or CPU) and write the report")
     b.add_argument("--out", default="benchmarks/results", help="results folder")

@@ -39,7 +39,13 @@ def test_compress_info_eval_generate(compressed, tmp_path, capsys):
     assert code == 0 and ev["tokens_scored"] == 3 * 31 and ev["ppl"] > 1
     code, gen = _run_json(capsys, "generate", "--model", str(out), "--prompt", "the quick",
                           "--max-new-tokens", "4")
-    assert code == 0 and isinstance(gen["completion"], str)
+    assert code == 0 and isinstance(gen["completion"], str) and gen["device"] == "cpu"
+    code, padded = _run_json(capsys, "generate", "--model", str(out), "--prompt", "the quick",
+                             "--max-new-tokens", "4", "--pad-rank", "16")
+    assert code == 0 and padded["completion"] == gen["completion"]  # zero padding is exact
+    code, err = _run_json(capsys, "generate", "--model", str(out), "--prompt", "x",
+                          "--device", "tpu")
+    assert code == 2 and "'tpu'" in err["error"]
 
 
 def test_info_table(compressed, capsys):
