@@ -145,31 +145,33 @@ def _tiny_llama(seed=0, rank=16):
     return model
 
 
+@torch.no_grad()
+def _logits_and_greedy(model, ids):
+    return model(ids).logits, model.generate(ids[:1], max_new_tokens=8, do_sample=False)
+
+
+def _assert_same_outputs(got, want):
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], want[1]), f"greedy tokens differ: {got[1]} vs {want[1]}"
+
+
 def test_group_projections_llama_logits_and_generate():
     model = _tiny_llama()
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref_logits = model(ids).logits
-        ref_tokens = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
+    ref = _logits_and_greedy(model, ids)
     group_projections_(model)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert isinstance(attn.q_proj, GroupMember) and isinstance(attn.qkv_group, GroupedLowRankLinear)
     assert isinstance(mlp.up_proj, GroupMember) and isinstance(attn.o_proj, LowRankLinear)
     assert attn.qkv_group.ranks == [16, 16, 16]
-    with torch.no_grad():
-        logits = model(ids).logits
-        tokens = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
-    assert torch.equal(tokens, ref_tokens)
+    _assert_same_outputs(_logits_and_greedy(model, ids), ref)
     assert attn.qkv_group._cache_out is None  # every member served: nothing kept
 
 
 def test_pad_ranks_is_exact_and_groups():
     model = _tiny_llama(rank=13)
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref_logits = model(ids).logits
-        ref_tokens = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
+    ref = _logits_and_greedy(model, ids)
     attn = model.model.layers[0].self_attn
     w_before = attn.q_proj.dense_weight().detach().clone()
     pad_ranks_(model, 16)
@@ -180,11 +182,7 @@ def test_pad_ranks_is_exact_and_groups():
     assert attn.q_proj.rank == 16
     group_projections_(model)
     assert attn.qkv_group.ranks == [16, 16, 16]
-    with torch.no_grad():
-        logits = model(ids).logits
-        tokens = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
-    assert torch.equal(tokens, ref_tokens)
+    _assert_same_outputs(_logits_and_greedy(model, ids), ref)
     with pytest.raises(ValueError, match="multiple must be a positive int, got 0"):
         LowRankLinear(4, 4, 2).pad_rank_(0)
 
