@@ -165,8 +165,30 @@ def to_markdown(res: dict) -> str:
         "",
         f"Compiled ahead of time on a CPU machine on {res['date']} (`{res['command'].strip()}`); "
         "no GPU was run, so nothing here is a timing. Shared memory limits: "
-        + ", ".join(f"sm_{a} {v} B ({DEVICE[a]})" for a, v in res["smem_limit_bytes"].items()
-                    if any(r["arch"] == a for r in res["rows"])) + ".",
+        + ", ".join(f"sm_{a} {v} B ({DEVICE[int(a)]})"  # JSON turns the int keys into str
+                    for a, v in res["smem_limit_bytes"].items()
+                    if any(r["arch"] == int(a) for r in res["rows"])) + ".",
+        "",
+        "## Summary (G = 1 and 3 together)",
+        "",
+        "| arch | dtype | R | path | configs | spill | max stack B | do not fit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    groups = {}
+    for r in res["rows"]:
+        key = (-r["arch"], r["dtype"], not r["aligned"], r["path"])
+        groups.setdefault(key, []).append(r)
+    for (arch, dtype, unaligned, path), rs in sorted(groups.items()):
+        ok = [r for r in rs if "error" not in r]
+        lines.append(
+            f"| sm_{-arch} | {dtype} | {'unaligned' if unaligned else '16-aligned'} | {path} | "
+            f"{len(rs)}{f' ({len(rs) - len(ok)} errors)' if len(ok) < len(rs) else ''} | "
+            f"{sum(1 for r in ok if r['stack_bytes'])} | "
+            f"{max((r['stack_bytes'] for r in ok), default=0)} | "
+            f"{sum(1 for r in ok if not r['fits'])} |")
+    lines += [
+        "",
+        "## Every config",
         "",
         "| arch | dtype | G | R | path | BLOCK M/R/K/N, SPLIT_K | warps | stages | shared B | "
         "fits | regs | stack B | pipelined |",
@@ -202,7 +224,14 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["decode", "prefill"])
     p.add_argument("--out", help="write kernel-resources-triton<version>.{json,md} here")
     p.add_argument("--check", action="store_true", help="exit 1 on a policy violation")
+    p.add_argument("--render", metavar="JSON", help="only re-render the markdown of a results JSON")
     args = p.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            md = to_markdown(json.load(f))
+        with open(os.path.splitext(args.render)[0] + ".md", "w") as f:
+            f.write(md)
+        return 0
     reason = available()
     if reason:
         print(f"kernel_resources: cannot compile here: {reason}", file=sys.stderr)
