@@ -67,9 +67,9 @@ class LowRankLinear(nn.Module):
         """Zero-pad u and v along R to the next multiple of ``multiple``, in place; exact.
 
         The padded columns are zeros in both factors, so ``u @ v.T`` and every output are
-        unchanged. Why: the fused kernel vectorises its loads of u and v, and keeps its prefill
-        tiles in registers, only when R (the factors' row stride) is a multiple of 16; at an
-        arbitrary PGSVD rank it falls back to scalar loads and spills (compiled resources:
+        unchanged. Why: the fused kernel vectorises its loads of u and v only when R (the
+        factors' row stride) is a multiple of 16; at an arbitrary PGSVD rank it falls back to
+        2-byte loads and several of its prefill configs spill registers (compiled resources:
         benchmarks/kernel_resources.py). Costs (R' - R) * (in_features + out_features) elements.
         ``rank`` becomes the padded rank. Returns ``self``.
         """
@@ -97,7 +97,17 @@ def pad_ranks_(model: nn.Module, multiple: int = 16) -> nn.Module:
 
     A serving transform: apply it after loading and before :func:`group_projections_` (groups
     concatenate the factors as they are then). A model saved afterwards stores the padded ranks.
+
+    Raises:
+        ValueError: ``model`` already has grouped projections (their factors would stay as
+            they are).
     """
+    from pgsvd_rt.nn.grouped import GroupedLowRankLinear  # grouped.py imports this module
+
+    grouped = [n for n, m in model.named_modules() if isinstance(m, GroupedLowRankLinear)]
+    if grouped:
+        raise ValueError(f"pad_ranks_: call it before group_projections_; {grouped[0]!r} and "
+                         f"{len(grouped) - 1} more are already grouped")
     for m in model.modules():
         if isinstance(m, LowRankLinear):
             m.pad_rank_(multiple)

@@ -182,6 +182,8 @@ def test_pad_ranks_is_exact_and_groups():
     assert attn.q_proj.rank == 16
     group_projections_(model)
     assert attn.qkv_group.ranks == [16, 16, 16]
+    with pytest.raises(ValueError, match="before group_projections_"):
+        pad_ranks_(model, 32)
     _assert_same_outputs(_logits_and_greedy(model, ids), ref)
     with pytest.raises(ValueError, match="multiple must be a positive int, got 0"):
         LowRankLinear(4, 4, 2).pad_rank_(0)
