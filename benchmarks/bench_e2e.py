@@ -46,6 +46,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 
+from pgsvd_rt.device import DTYPES  # noqa: E402
+
 PROFILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
 VARIANTS = ("dense", "svd-als-20", "pgsvd-20", "svd-als-40", "pgsvd-40")
 # On request only: pgsvd's ranks with the factors zero-padded to R = 16k (pgsvd_rt.nn.pad_ranks_;
@@ -355,8 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
     gpu = device == "cuda"
     if a.threads:
         torch.set_num_threads(a.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        a.dtype or ("bf16" if gpu else "fp32")]
+    dtype = DTYPES[a.dtype or ("bf16" if gpu else "fp32")]
     if a.smoke:
         defaults = dict(prompts=[16], batches=[1], new_tokens=4, reps=1, rank_multiple=1)
     elif gpu:

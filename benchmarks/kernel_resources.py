@@ -26,7 +26,6 @@ autotuner drops them there.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -154,7 +153,10 @@ def run(args) -> dict:
                         for cfg in paths[path]:
                             rows.append(compile_config(cfg, path, arch, dtype, groups,
                                                        aligned == "aligned"))
-    return {"triton": triton.__version__, "date": datetime.date.today().isoformat(),
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from benchlib import today
+
+    return {"triton": triton.__version__, "date": today(),
             "command": "python benchmarks/kernel_resources.py " + " ".join(sys.argv[1:]),
             "smem_limit_bytes": SMEM_LIMIT, "rows": rows, "violations": violations(rows)}
 

@@ -32,13 +32,14 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 
+from pgsvd_rt.device import DTYPES  # noqa: E402
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 if not CUDA:  # one thread: on a shared CPU, waking a 2nd pool thread costs ms per op
     torch.set_num_threads(int(os.environ.get("PGSVD_BENCH_THREADS", "1")))
 SCOPE = os.environ.get("PGSVD_BENCH_SCOPE", "full" if CUDA else "smoke")
 PROVIDERS = ("fused", "two_matmul", "dense")
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _env_list(name: str, default):
@@ -98,7 +99,7 @@ PARAMS = [(c, p) for c in cases() for p in PROVIDERS]
 @pytest.mark.parametrize("case_provider", PARAMS, ids=[_id(cp) for cp in PARAMS])
 def test_lowrank_matmul(benchmark, case_provider):
     (label, N, K, kappa, M, dt), provider = case_provider
-    dtype = _DTYPES[dt]
+    dtype = DTYPES[dt]
     R = benchlib.rank_for(kappa, N, K)
     x, u, v, W = _tensors(N, K, R, M, dtype)
     fn = _fn(provider, x, u, v, W)

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype -> torch
+from pgsvd_rt.device import DTYPES
 
 log = logging.getLogger("pgsvd_rt")
 
@@ -121,7 +121,7 @@ def _cmd_generate(args) -> dict:
         raise ValueError(f"--device {device!r}: torch sees no CUDA device")
     if args.pad_rank < 0:
         raise ValueError(f"--pad-rank must be >= 0, got {args.pad_rank}")
-    model, tokenizer, source = models.load(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
+    model, tokenizer, source = models.load(args.model, dtype=DTYPES[args.dtype])
     if tokenizer is None:
         raise ValueError(f"{args.model!r} has no tokenizer files")
     if args.pad_rank:
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available); "
                    "factored layers run the fused Triton kernel on CUDA, the reference on CPU")
-    g.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    g.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     g.add_argument("--pad-rank", type=int, default=0, metavar="MULTIPLE",
                    help="zero-pad factor ranks to a multiple (16 aligns the kernel's loads; exact)")
 

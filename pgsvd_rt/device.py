@@ -1,4 +1,5 @@
-"""The name of the device a result was measured on (results files are keyed by it)."""
+"""Device and dtype names: the device a result was measured on (results files are keyed by it),
+and the short dtype names the CLI and the benchmarks accept."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import platform
 import subprocess
 
 import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def device_name(device: str | None = None) -> str:
