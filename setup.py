@@ -35,13 +35,16 @@ def _native_extensions():
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     if not cpp:
         return [], {}
-    args = {"cxx": ["-O3", "-std=c++17"]}
+    # -fopenmp: at::parallel_for is a header template; without it the CPU kernels run on one thread.
+    args = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
     if torch.version.cuda is not None and os.environ.get("PGSVD_NO_CUDA") != "1":
         args["nvcc"] = ["-O3", "-std=c++17"]
         ext = CUDAExtension("pgsvd_rt._C", cpp + cu, extra_compile_args=args,
+                            extra_link_args=["-fopenmp"],
                             define_macros=[("PGSVD_WITH_CUDA", "1")])
     else:
-        ext = CppExtension("pgsvd_rt._C", cpp, extra_compile_args={"cxx": args["cxx"]})
+        ext = CppExtension("pgsvd_rt._C", cpp, extra_compile_args={"cxx": args["cxx"]},
+                           extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

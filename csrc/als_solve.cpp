@@ -36,9 +36,11 @@
 #include <tuple>
 
 namespace pgsvd {
-namespace {
 
 std::atomic<int64_t> g_native_calls{0};
+
+namespace {
+
 
 void check_als_solve_args(const at::Tensor& W, const at::Tensor& G, const at::Tensor& A0,
                           const at::Tensor& B0, int64_t iters, double ridge,
@@ -144,36 +146,3 @@ TORCH_LIBRARY_IMPL(pgsvd, CUDA, m) { m.impl("als_solve", &als_solve_cuda); }
 #endif
 
 }  // namespace pgsvd
-
-namespace {
-
-pybind11::dict build_info() {
-  pybind11::dict d;
-#if defined(__clang__)
-  d["compiler"] = std::string("clang ") + __clang_version__;
-#elif defined(__GNUC__)
-  d["compiler"] = std::string("gcc ") + __VERSION__;
-#elif defined(_MSC_VER)
-  d["compiler"] = std::string("msvc ") + std::to_string(_MSC_VER);
-#else
-  d["compiler"] = std::string("unknown");
-#endif
-#ifdef PGSVD_WITH_CUDA
-  d["with_cuda"] = true;
-#else
-  d["with_cuda"] = false;
-#endif
-  d["torch"] = std::string(TORCH_VERSION);
-  d["ops"] = pybind11::make_tuple("als_solve");
-  return d;
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "pgsvd_rt native kernels; importing registers CPU (and CUDA) impls of pgsvd ops";
-  m.def("build_info", &build_info, "compiler, with_cuda, torch version, ops");
-  m.def(
-      "native_calls", [] { return pgsvd::g_native_calls.load(std::memory_order_relaxed); },
-      "number of als_solve calls served by this extension (to verify dispatch)");
-}

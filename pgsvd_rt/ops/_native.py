@@ -53,12 +53,14 @@ def jit_build(name: str = JIT_NAME, build_directory: str | None = None) -> Modul
     if not srcs:
         raise FileNotFoundError(f"no C++ sources under {CSRC}")
     flags = ["-O3", "-std=c++17"] + (["-DPGSVD_WITH_CUDA=1"] if with_cuda else [])
+    cflags = flags + ["-fopenmp"]  # at::parallel_for is a header template: threads need it
     if build_directory is not None:
         os.makedirs(build_directory, exist_ok=True)
     return load(
         name=name,
         sources=srcs,
-        extra_cflags=flags,
+        extra_cflags=cflags,
+        extra_ldflags=["-fopenmp"],
         extra_cuda_cflags=flags if with_cuda else None,
         with_cuda=with_cuda,
         build_directory=build_directory,
@@ -76,7 +78,7 @@ def load() -> bool:
     except Exception as exc:  # ImportError, or OSError/undefined symbol from an ABI mismatch
         if os.environ.get("PGSVD_JIT") != "1" or not os.path.isdir(CSRC):
             log.info(
-                "pgsvd_rt: pgsvd_rt._C not built (%s); torch reference serves als_solve "
+                "pgsvd_rt: pgsvd_rt._C not built (%s); torch reference serves every op "
                 "(build with `pip install --no-build-isolation -e .` or set PGSVD_JIT=1)",
                 exc,
             )

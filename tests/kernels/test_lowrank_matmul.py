@@ -1,45 +1,16 @@
 """kernels/lowrank_matmul.py against an fp64 reference (CPU: Triton interpreter; GPU: native).
 
-Tolerance (house rule, flash-attention style): the kernel's max abs error against the fp64
-reference must be at most 2x the max abs error of PyTorch's own same-dtype two-matmul path
-(``(x @ v) @ u.T + bias`` in that dtype, on the same device). Where PyTorch happens to be exact
-(error exactly 0) the bound is one ulp of the largest output, ``eps(dtype) * max|y|``.
-On a GPU fp32 follows torch's TF32 policy (``torch.backends.cuda.matmul.allow_tf32``, off by
-default, so fp32 is checked at IEEE precision).
+Tolerance: the 2x-PyTorch rule of tests/accuracy.py. On a GPU fp32 follows torch's TF32 policy
+(``torch.backends.cuda.matmul.allow_tf32``, off by default, so fp32 is checked at IEEE precision).
 """
 
 import pytest
 import torch
 
+from tests.accuracy import check_lowrank, lowrank_factors
+
 DTYPES = [torch.float32, torch.float16]
-
-
-def _factors(M, K, N, R, dtype, device, bias, layout, seed):
-    g = torch.Generator().manual_seed(seed)
-    if layout == "transposed":  # x.T of a (K, M) tensor: strides (1, M)
-        x = torch.randn(K, M, generator=g).t()
-    elif layout == "sliced":  # every other column of a wider tensor: strides (2K+3, 2)
-        x = torch.randn(M, 2 * K + 3, generator=g)[:, 1:2 * K + 1:2]
-    else:
-        x = torch.randn(M, K, generator=g)
-    u = torch.randn(N, R, generator=g) / R**0.5
-    v = torch.randn(K, R, generator=g) / K**0.5
-    b = torch.randn(N, generator=g) if bias else None
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    return cast(x), cast(u), cast(v), cast(b)
-
-
-def _check(y, x, u, v, b):
-    ref = (x.double() @ v.double()) @ u.double().t()
-    torch_y = (x @ v) @ u.t()
-    if b is not None:
-        ref = ref + b.double()
-        torch_y = torch_y + b
-    assert y.shape == ref.shape and y.dtype == x.dtype and y.is_contiguous()
-    err = (y.double() - ref).abs().max().item()
-    torch_err = (torch_y.double() - ref).abs().max().item()
-    bound = 2 * torch_err if torch_err > 0 else torch.finfo(x.dtype).eps * ref.abs().max().item()
-    assert err <= bound, f"max abs error {err:.3e} > bound {bound:.3e} (torch {torch_err:.3e})"
+_factors, _check = lowrank_factors, check_lowrank
 
 
 # M in {1, 3} takes the decode configs, 17 the prefill configs; K, N not multiples of any block.

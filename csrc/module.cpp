@@ -1,0 +1,53 @@
+// The Python module pgsvd_rt._C: importing it registers every kernel of csrc/ (their
+// TORCH_LIBRARY_IMPL blocks run at load time); the functions below only report what was built.
+
+#include <torch/extension.h>
+
+#include <torch/version.h>
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+namespace pgsvd {
+extern std::atomic<int64_t> g_native_calls;   // als_solve.cpp
+extern std::atomic<int64_t> g_lowrank_calls;  // lowrank_matmul_cpu.cpp
+bool lowrank_cpu_avx512();                    // lowrank_matmul_cpu.cpp
+}  // namespace pgsvd
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+#if defined(__clang__)
+  d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = std::string("gcc ") + __VERSION__;
+#elif defined(_MSC_VER)
+  d["compiler"] = std::string("msvc ") + std::to_string(_MSC_VER);
+#else
+  d["compiler"] = std::string("unknown");
+#endif
+#ifdef PGSVD_WITH_CUDA
+  d["with_cuda"] = true;
+#else
+  d["with_cuda"] = false;
+#endif
+  d["torch"] = std::string(TORCH_VERSION);
+  d["ops"] = pybind11::make_tuple("als_solve", "lowrank_matmul", "lowrank_matmul_grouped");
+  d["cpu_avx512"] = pgsvd::lowrank_cpu_avx512();
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pgsvd_rt native kernels; importing registers CPU (and CUDA) impls of pgsvd ops";
+  m.def("build_info", &build_info, "compiler, with_cuda, torch version, ops, cpu_avx512");
+  m.def(
+      "native_calls", [] { return pgsvd::g_native_calls.load(std::memory_order_relaxed); },
+      "number of als_solve calls served by this extension (to verify dispatch)");
+  m.def(
+      "lowrank_calls", [] { return pgsvd::g_lowrank_calls.load(std::memory_order_relaxed); },
+      "number of lowrank_matmul(_grouped) calls served by the CPU kernels (to verify dispatch)");
+}

@@ -1,0 +1,141 @@
+"""Native CPU kernels of pgsvd::lowrank_matmul(_grouped) (csrc/lowrank_matmul_cpu.cpp).
+
+Every case goes through the dispatcher (``ops.lowrank_matmul`` on CPU tensors) and checks that
+the C++ kernel served it (its call counter), then holds the result to the 2x-PyTorch rule of
+tests/accuracy.py against fp64: fp32 (library GEMMs called from C++), and bf16 (whose torch
+error is bf16 rounding of both matmuls), where M in {1, 3} takes the one-pass AVX-512 kernel
+(fp64/fp32 accumulation, one rounding) and M = 17 the GEMM path; K = 1000 exercises the K split
+across threads and the 8-row groups' tails.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pgsvd_rt import ops
+from pgsvd_rt.ops import _native
+from tests.accuracy import check_lowrank, lowrank_factors
+
+pytestmark = pytest.mark.skipif(not ops.native_available(),
+                                reason="pgsvd_rt._C is not built (PGSVD_NO_NATIVE=1?)")
+DTYPES = [torch.float32, torch.bfloat16]
+LAYOUTS = ("contig", "sliced", "transposed")
+
+
+def _served_natively(fn):
+    before = _native.module.lowrank_calls()
+    out = fn()
+    assert _native.module.lowrank_calls() == before + 1, "the CPU call did not reach the C++ kernel"
+    return out
+
+
+CASES = [(M, K, N, R, i % 2 == 0, LAYOUTS[i % 3])
+         for i, (M, R) in enumerate([(m, r) for m in (1, 3, 17) for r in (1, 7, 37)])
+         for K, N in ((37, 41), (1000, 130))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K,N,R,bias,layout", CASES)
+def test_native_matches_fp64(M, K, N, R, bias, layout, dtype):
+    x, u, v, b = lowrank_factors(M, K, N, R, dtype, "cpu", bias, layout, seed=M * 100 + R + K)
+    y = _served_natively(lambda: ops.lowrank_matmul(x, u, v, b))
+    check_lowrank(y, x, u, v, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_batched_leading_dims_and_strided_factors(dtype):
+    """x (2, 3, K) -> (2, 3, N); u and v column slices of wider tensors (copied, still exact)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 96, generator=g).to(dtype)
+    u = (torch.randn(41, 20, generator=g) / 4).to(dtype)[:, 3:10]
+    v = (torch.randn(96, 20, generator=g) / 10).to(dtype)[:, 3:10]
+    b = torch.randn(41, generator=g).to(dtype)
+    y = _served_natively(lambda: ops.lowrank_matmul(x, u, v, b))
+    assert y.shape == (2, 1, 41)
+    check_lowrank(y.reshape(2, 41), x.reshape(2, 96), u, v, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_empty(dtype):
+    x, u, v, b = lowrank_factors(1, 37, 41, 7, dtype, "cpu", True, "contig", seed=0)
+    assert ops.lowrank_matmul(x[:0], u, v, b).shape == (0, 41)
+    y = ops.lowrank_matmul(x[:, :0], u, v[:0], b)  # K = 0: the bias alone, as the reference
+    torch.testing.assert_close(y, b.expand(1, 41), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 5])
+def test_native_grouped_matches_fp64(M, dtype):
+    """q/k/v-like groups (different N and R, one without bias) from one v_cat."""
+    g = torch.Generator().manual_seed(M)
+    K, shapes = 300, [(41, 7), (16, 1), (24, 37)]
+    x = torch.randn(M, K, generator=g).to(dtype)
+    us = [(torch.randn(N, R, generator=g) / R**0.5).to(dtype) for N, R in shapes]
+    vs = [(torch.randn(K, R, generator=g) / K**0.5).to(dtype) for _, R in shapes]
+    bs = [torch.randn(41, generator=g).to(dtype), None, torch.randn(24, generator=g).to(dtype)]
+    bias_cat = torch.cat([b if b is not None else torch.zeros(16, dtype=dtype) for b in bs])
+    ys = _served_natively(lambda: ops.lowrank_matmul_grouped(x, us, torch.cat(vs, 1), bias_cat))
+    for y, u, v, b in zip(ys, us, vs, bs, strict=True):
+        check_lowrank(y, x, u, v, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 4])
+def test_opcheck_native(M, dtype):
+    x, u, v, b = lowrank_factors(M, 37, 41, 7, dtype, "cpu", True, "contig", seed=2)
+    for grad in (False, True):
+        args = tuple(t.clone().requires_grad_(grad) for t in (x, u, v, b))
+        torch.library.opcheck(torch.ops.pgsvd.lowrank_matmul.default, args)
+    us = [u, u[:5, :3].contiguous()]
+    v_cat = torch.cat([v, v[:, :3]], 1)
+    torch.library.opcheck(torch.ops.pgsvd.lowrank_matmul_grouped.default, (x, us, v_cat, None))
+
+
+def test_compile_native_cpu():
+    """torch.compile(fullgraph) keeps the op one call; the compiled graph runs the C++ kernel."""
+    x, u, v, b = lowrank_factors(1, 64, 48, 9, torch.float32, "cpu", True, "contig", seed=3)
+    fn = torch.compile(lambda t: ops.lowrank_matmul(t, u, v, b).relu(), fullgraph=True)
+    before = _native.module.lowrank_calls()
+    torch.testing.assert_close(fn(x), ops.lowrank_matmul(x, u, v, b).relu())
+    assert _native.module.lowrank_calls() >= before + 2
+
+
+BAD = [
+    ("bias shape", lambda x, u, v, b: (x, u, v, b[:4]), ValueError,
+     r"bias must have shape \(41,\)"),
+    ("v rows", lambda x, u, v, b: (x, u, v[:5], b), ValueError, "v has 5 rows but x has K=37"),
+    ("rank", lambda x, u, v, b: (x, u[:, :3], v, b), ValueError, "u R=3 vs v R=7"),
+    ("dtype", lambda x, u, v, b: (x, u.to(torch.float16), v, b), TypeError,
+     r"u dtype torch.float16 != x dtype torch.(float32|bfloat16)"),
+    ("int", lambda x, u, v, b: (x.long(), u.long(), v.long(), None), TypeError, "floating point"),
+    ("u 3-D", lambda x, u, v, b: (x, u[None], v, b), ValueError,
+     r"must be 2-D, got u \(1, 41, 7\)"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mutate,exc,msg", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_native_bad_inputs_name_the_value(mutate, exc, msg, dtype):
+    x, u, v, b = lowrank_factors(1, 37, 41, 7, dtype, "cpu", True, "contig", seed=4)
+    with pytest.raises(exc, match=msg):
+        torch.ops.pgsvd.lowrank_matmul.default(*mutate(x, u, v, b))
+
+
+def test_native_grouped_bad_input_names_the_group():
+    x, u, v, b = lowrank_factors(1, 37, 41, 7, torch.float32, "cpu", False, "contig", seed=5)
+    with pytest.raises(TypeError, match=r"group 1\): lowrank_matmul: u dtype torch.float64"):
+        torch.ops.pgsvd.lowrank_matmul_grouped.default(x, [u, u.double()], torch.cat([v, v], 1))
+
+
+def test_package_works_without_native():
+    """PGSVD_DISABLE_NATIVE=1 (as a PGSVD_NO_NATIVE=1 build): the reference serves the op."""
+    code = ("import torch; from pgsvd_rt import ops; assert not ops.native_available(); "
+            "x, u, v = torch.randn(2, 8), torch.randn(5, 3), torch.randn(8, 3); "
+            "torch.testing.assert_close(ops.lowrank_matmul(x, u, v), (x @ v) @ u.T); print('ok')")
+    env = dict(os.environ, PGSVD_DISABLE_NATIVE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
