@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from pgsvd_rt.device import DTYPES
+from pgsvd_rt.generation import DEFAULT_MODE, MODES
 
 log = logging.getLogger("pgsvd_rt")
 
@@ -126,9 +127,10 @@ def _cmd_generate(args) -> dict:
         raise ValueError(f"{args.model!r} has no tokenizer files")
     if args.pad_rank:
         pad_ranks_(model, args.pad_rank)
-    text = models.generate_text(model.to(device), tokenizer, args.prompt, args.max_new_tokens)
+    text = models.generate_text(model.to(device), tokenizer, args.prompt, args.max_new_tokens,
+                                mode=args.decode)
     return {"model": source.describe(), "prompt": args.prompt, "completion": text,
-            "device": device, "dtype": args.dtype}
+            "device": device, "dtype": args.dtype, "decode": args.decode}
 
 
 def _cmd_bench(args) -> dict:
@@ -199,10 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available); "
-                   "factored layers run the fused Triton kernel on CUDA, the reference on CPU")
+                   "factored layers run the fused Triton kernel on CUDA, the C++ kernels on CPU")
     g.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     g.add_argument("--pad-rank", type=int, default=0, metavar="MULTIPLE",
                    help="zero-pad factor ranks to a multiple (16 aligns the kernel's loads; exact)")
+    g.add_argument("--decode", default=DEFAULT_MODE, choices=list(MODES),
+                   help="static: static KV cache, no autograd (default, fastest for one "
+                   "generation); compile: also torch.compile the decode step (faster per token, "
+                   "45-55 s to compile on a 2-core CPU); hf: transformers generate")
 
     b = sub.add_parser("bench", help="run the benchmark suite (GPU or CPU) and write the report")
     b.add_argument("--out", default="benchmarks/results", help="results folder")

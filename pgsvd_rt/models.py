@@ -273,15 +273,19 @@ def linear_specs(model: nn.Module) -> list[LinearSpec]:
     return specs
 
 
-@torch.no_grad()
-def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
-    """Greedy continuation of ``prompt`` (the new text only)."""
+def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 32,
+                  mode: str | None = None) -> str:
+    """Greedy continuation of ``prompt`` (the new text only), stopping at the EOS token.
+
+    ``mode``: a decode mode of :mod:`pgsvd_rt.generation` (default its ``DEFAULT_MODE``).
+    """
+    from pgsvd_rt.generation import DEFAULT_MODE, greedy_generate
+
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not prompt:
         raise ValueError("prompt is empty")
-    enc = tokenizer(prompt, return_tensors="pt")
-    device = next(model.parameters()).device
-    out = model.generate(**{k: v.to(device) for k, v in enc.items()}, do_sample=False,
-                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = greedy_generate(model, ids, max_new_tokens, mode=mode or DEFAULT_MODE,
+                          eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0], skip_special_tokens=True)

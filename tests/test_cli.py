@@ -43,6 +43,10 @@ def test_compress_info_eval_generate(compressed, tmp_path, capsys):
     code, padded = _run_json(capsys, "generate", "--model", str(out), "--prompt", "the quick",
                              "--max-new-tokens", "4", "--pad-rank", "16")
     assert code == 0 and padded["completion"] == gen["completion"]  # zero padding is exact
+    assert gen["decode"] == "static"  # the default: static cache, no autograd
+    code, hf = _run_json(capsys, "generate", "--model", str(out), "--prompt", "the quick",
+                         "--max-new-tokens", "4", "--decode", "hf")
+    assert code == 0 and hf["completion"] == gen["completion"]
     code, err = _run_json(capsys, "generate", "--model", str(out), "--prompt", "x",
                           "--device", "tpu")
     assert code == 2 and "'tpu'" in err["error"]
