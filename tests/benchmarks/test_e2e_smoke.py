@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
+
+from tests.benchmarks import load_bench
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
 
 
-def _load(name: str):
-    sys.path.insert(0, BENCH)
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_e2e_smoke(tmp_path):
-    rep = _load("bench_e2e").main(["--smoke", "--out", str(tmp_path), "--threads", "1",
+    rep = load_bench("bench_e2e").main(["--smoke", "--out", str(tmp_path), "--threads", "1",
                                    "--variants", "dense", "pgsvd-40"])
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 2 and files[0].endswith("e2e-smoke.json"), files
@@ -34,7 +26,7 @@ def test_e2e_smoke(tmp_path):
 
 
 def test_rank_rounding_keeps_dense_layers():
-    e2e = _load("bench_e2e")
+    e2e = load_bench("bench_e2e")
     r = e2e.load_ranks("llama2-7b", "pgsvd-40", 64)
     raw = e2e.load_ranks("llama2-7b", "pgsvd-40", 1)
     assert set(r) == {"q", "k", "v", "o", "gate", "up", "down"} and len(r["q"]) == 32
@@ -48,7 +40,7 @@ def test_decode_loop_matches_generate():
     """The timed static-cache loop decodes the same greedy tokens as HF generate."""
     import torch
 
-    e2e = _load("bench_e2e")
+    e2e = load_bench("bench_e2e")
     # Seeded: on a random tiny model greedy decoding meets near-ties, where HF generate's own
     # numerics and ours can pick different tokens (1 seed in 30 did, unseeded this test flaked).
     torch.manual_seed(0)

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+from tests.benchmarks import load_bench
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(ROOT, "benchmarks")
-
-
-def _load(name: str):
-    sys.path.insert(0, BENCH)
-    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_kernel_suite_smoke_and_report(tmp_path):
@@ -37,7 +30,7 @@ def test_kernel_suite_smoke_and_report(tmp_path):
     assert {b["extra_info"]["provider"] for b in pb["benchmarks"]} == {
         "fused", "two_matmul", "dense"}
 
-    out = _load("report").main([str(raw), "--out", str(tmp_path), "--no-plots"])
+    out = load_bench("report").main([str(raw), "--out", str(tmp_path), "--no-plots"])
     assert len(out["kernels"]) == 6
     for r in out["kernels"]:
         assert r["ms_median"] > 0 and r["GBps"] > 0 and r["speedup_vs_dense"] > 0, r
