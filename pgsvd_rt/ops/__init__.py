@@ -17,9 +17,8 @@ Triton kernels live in kernels/lowrank_matmul.py; csrc/als_solve.cpp serves CUDA
 when built as a CUDAExtension (a CUDA build of torch). The CPU kernels of lowrank_matmul run a
 one-pass AVX-512 kernel for bf16 decode and library GEMMs otherwise (the measured policy is in
 the header of csrc/lowrank_matmul_cpu.cpp). The autograd formula is registered in Python
-(:mod:`pgsvd_rt.ops._library`) and runs per call unless grad mode is off *and* the call is under
-``torch.inference_mode`` (what :mod:`pgsvd_rt.generation` uses): under plain ``no_grad`` it
-costs about 9 µs per call on the CPU.
+(:mod:`pgsvd_rt.ops._library`); the wrappers below skip it when grad mode is off (it would only
+redispatch, at about 9 µs a call on a CPU).
 
 A missing backend (no Triton, no compiled extension) is logged once and the default serves.
 """
@@ -34,6 +33,15 @@ from pgsvd_rt.ops import (
 )
 
 _backends.load_all()
+_LOWRANK = torch.ops.pgsvd.lowrank_matmul.default
+_GROUPED = torch.ops.pgsvd.lowrank_matmul_grouped.default
+
+
+def _skip_autograd() -> bool:
+    """Grad mode is off, so the autograd kernel (Python, ~9 µs a call on a CPU) would only
+    redispatch: go below it directly, as it would. Not while tracing (torch.compile sees the op
+    as usual)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def lowrank_matmul(
@@ -50,7 +58,10 @@ def lowrank_matmul(
     Returns:
         (..., N) tensor in x's dtype.
     """
-    return torch.ops.pgsvd.lowrank_matmul(x, u, v, bias)
+    if _skip_autograd():
+        with torch._C._AutoDispatchBelowAutograd():
+            return _LOWRANK(x, u, v, bias)
+    return _LOWRANK(x, u, v, bias)
 
 
 def als_solve(
@@ -97,7 +108,10 @@ def lowrank_matmul_grouped(
     Returns:
         G tensors (..., N_g) in x's dtype.
     """
-    return torch.ops.pgsvd.lowrank_matmul_grouped(x, list(us), v_cat, bias_cat)
+    if _skip_autograd():
+        with torch._C._AutoDispatchBelowAutograd():
+            return _GROUPED(x, list(us), v_cat, bias_cat)
+    return _GROUPED(x, list(us), v_cat, bias_cat)
 
 
 __all__ = ["lowrank_matmul", "lowrank_matmul_grouped", "als_solve", "native_available"]
