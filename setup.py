@@ -69,7 +69,11 @@ setup(
         "numpy",
     ],
     extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "pytest-benchmark"]},
-    entry_points={"console_scripts": ["pgsvd=pgsvd_rt.cli:main"]},
+    entry_points={
+        "console_scripts": ["pgsvd=pgsvd_rt.cli:main"],
+        # vLLM runs these in every process: registers quant_method "pgsvd" (nothing else).
+        "vllm.general_plugins": ["pgsvd = pgsvd_rt.integrations:register_vllm"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -34,3 +34,7 @@ __all__ = [
     "replace_linear",
     "save_factored",
 ]
+
+from pgsvd_rt.integrations import hf as _hf  # noqa: E402  (from_pretrained for "pgsvd")
+
+_hf.register()

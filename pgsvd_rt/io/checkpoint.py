@@ -7,7 +7,10 @@ Layout::
                              the dense tensors (embeddings, norms, lm_head unless tied)
       pgsvd_manifest.json    format version, method, ε, ratios, per-module rank and shapes,
                              base model identity, calibration provenance, tensor checksums
-      config.json, generation_config.json, tokenizer files   (Hugging Face, so DIR is complete)
+      config.json            Hugging Face config + ``quantization_config`` (quant_method "pgsvd",
+                             per-module ranks: pgsvd_rt.io.quant_config), so ``from_pretrained``
+                             and vLLM load DIR too
+      generation_config.json, tokenizer files   (Hugging Face, so DIR is complete)
 
 Saving writes into a temporary sibling directory, fsyncs every file and the directory, then
 renames it into place: an interrupted save never leaves a directory that loads. Loading checks
@@ -17,6 +20,7 @@ the meta device, swaps in LowRankLinear modules, and loads with ``assign=True``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -28,12 +32,13 @@ import torch
 from torch import nn
 
 from pgsvd_rt._version import __version__
+from pgsvd_rt.io import quant_config
 from pgsvd_rt.models import MANIFEST_NAME, SUPPORTED_MODEL_TYPES, check_supported
 from pgsvd_rt.nn import LowRankLinear, replace_linear
 
 FORMAT = "pgsvd_rt.factored"
 FORMAT_VERSION = 1
-TENSOR_FILE = "model.safetensors"
+TENSOR_FILE = quant_config.TENSOR_FILE
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -105,7 +110,11 @@ def save_factored(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(state, str(tmp / TENSOR_FILE), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
+        config = copy.deepcopy(model.config)  # the caller's model keeps its config
+        config.architectures = [type(model).__name__]  # engines pick the model class by it
+        config.quantization_config = quant_config.make(
+            {name: m["rank"] for name, m in modules.items()})
+        config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:

@@ -1,0 +1,106 @@
+"""``from_pretrained`` for factored checkpoints: a transformers quantizer for quant_method "pgsvd".
+
+``import pgsvd_rt`` calls :func:`register`; from then on::
+
+    model = AutoModelForCausalLM.from_pretrained("ckpt")   # LowRankLinear where factored
+
+Transformers reads ``quantization_config`` from config.json (written by ``save_factored``, see
+:mod:`pgsvd_rt.io.quant_config`), builds the skeleton on the meta device, and calls
+:meth:`PGSVDQuantizer._process_model_before_weight_loading`, which swaps each factored
+``nn.Linear`` for a :class:`~pgsvd_rt.nn.LowRankLinear` of the recorded rank; the tensors
+``<module>.u`` / ``.v`` / ``.bias`` then load by name like any other parameter. No
+trust_remote_code, no pickles. The ranks are checked against the tensor file's header first,
+so a config that disagrees with its tensors is refused naming the module.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch import nn
+
+from pgsvd_rt.io import quant_config
+from pgsvd_rt.nn import LowRankLinear, replace_linear
+
+log = logging.getLogger("pgsvd_rt")
+_REGISTERED = False
+
+
+def register() -> bool:
+    """Register the config class and the quantizer with transformers (idempotent).
+
+    Returns False, logging why, when this transformers has no quantizer registry.
+    """
+    global _REGISTERED
+    if _REGISTERED:
+        return True
+    try:
+        from transformers.quantizers import HfQuantizer
+        from transformers.quantizers.auto import (
+            AUTO_QUANTIZER_MAPPING,
+            register_quantization_config,
+            register_quantizer,
+        )
+        from transformers.utils.quantization_config import QuantizationConfigMixin
+    except ImportError as exc:  # pragma: no cover - transformers without quantizers
+        log.warning("pgsvd_rt: from_pretrained integration unavailable: %s", exc)
+        return False
+
+    class PGSVDConfig(QuantizationConfigMixin):
+        """The ``quantization_config`` of a factored checkpoint (per-module ranks)."""
+
+        def __init__(self, ranks=None, format_version=quant_config.QUANT_FORMAT_VERSION,
+                     quant_method=quant_config.QUANT_METHOD, **_ignored):
+            self.quant_method = quant_config.QUANT_METHOD
+            self.format_version = format_version
+            self.ranks = quant_config.parse_ranks(
+                {"quant_method": quant_method, "format_version": format_version,
+                 "ranks": ranks if ranks is not None else {}}, "quantization_config")
+
+        def to_dict(self) -> dict:
+            return quant_config.make(self.ranks)
+
+    class PGSVDQuantizer(HfQuantizer):
+        """Builds LowRankLinear modules where the config says a layer is factored."""
+
+        requires_calibration = True  # factors come from compression, not from loading
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            ranks = self.quantization_config.ranks
+            where = str(getattr(model.config, "_name_or_path", "") or "checkpoint")
+            files = kwargs.get("checkpoint_files") or []
+            if len(files) == 1 and Path(files[0]).name == quant_config.TENSOR_FILE:
+                quant_config.check_tensors(ranks, quant_config.read_header(
+                    Path(files[0]).parent), where)
+            skeleton = {}
+            for name, r in ranks.items():
+                try:
+                    lin = model.get_submodule(name)
+                except AttributeError:
+                    raise ValueError(f"{where}: quantization_config names module {name!r}, "
+                                     f"which {type(model).__name__} does not have") from None
+                if not isinstance(lin, nn.Linear):
+                    raise ValueError(f"{where}: module {name!r} is a {type(lin).__name__}, "
+                                     "not an nn.Linear")
+                skeleton[name] = LowRankLinear(lin.in_features, lin.out_features, r,
+                                               bias=lin.bias is not None, device="meta",
+                                               dtype=lin.weight.dtype)
+            replace_linear(model, skeleton)
+            return model
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            return model
+
+        def is_serializable(self, safe_serialization=None):
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    if quant_config.QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantization_config(quant_config.QUANT_METHOD)(PGSVDConfig)
+        register_quantizer(quant_config.QUANT_METHOD)(PGSVDQuantizer)
+    _REGISTERED = True
+    return True
