@@ -98,6 +98,14 @@ def _cmd_info(args) -> dict:
     return out
 
 
+def _cmd_upgrade(args) -> dict:
+    from pgsvd_rt.io.quant_config import stamp_checkpoint
+
+    entry = stamp_checkpoint(args.dir)
+    return {"dir": args.dir, "quant_method": entry["quant_method"],
+            "factored_modules": len(entry["ranks"])}
+
+
 def _print_info(info: dict) -> None:
     print(f"base model     {info['base_model']}")
     for k in ("method", "eps", "target_ratio", "achieved_ratio", "dense_layers",
@@ -196,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="ranks and ratio of a factored checkpoint")
     i.add_argument("dir")
 
+    up = sub.add_parser("upgrade", help="add quantization_config to an older checkpoint's "
+                        "config.json (for from_pretrained and vLLM), in place")
+    up.add_argument("dir")
+
     g = sub.add_parser("generate", help="greedy generation")
     g.add_argument("--model", default="smollm2-135m", help=model_help)
     g.add_argument("--prompt", required=True)
@@ -216,13 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--parts", nargs="+", choices=["kernels", "e2e", "als"], default=None)
     b.add_argument("--no-plots", action="store_true")
 
-    for q in (c, e, i, g, b, r):
+    for q in (c, e, i, g, b, r, up):
         q.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
 
 
 COMMANDS = {"compress": _cmd_compress, "eval": _cmd_eval, "info": _cmd_info,
-            "generate": _cmd_generate, "bench": _cmd_bench, "reproduce": _cmd_reproduce}
+            "generate": _cmd_generate, "bench": _cmd_bench, "reproduce": _cmd_reproduce,
+            "upgrade": _cmd_upgrade}
 
 
 def main(argv: list[str] | None = None) -> int:
