@@ -30,7 +30,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=args.ckpt, dtype=args.dtype, tensor_parallel_size=args.tp,
-              max_model_len=256, enforce_eager=not args.compile, gpu_memory_utilization=0.08,
+              max_model_len=256, enforce_eager=not args.compile, gpu_memory_utilization=0.25,
               seed=0)
     prompts = [{"prompt_token_ids": ids} for ids in json.loads(args.prompts)]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=args.max_tokens,

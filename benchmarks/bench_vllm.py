@@ -1,0 +1,201 @@
+"""vLLM dense vs vLLM serving factored checkpoints: decode tokens/s and concurrent throughput.
+
+    python benchmarks/bench_vllm.py --model smollm2-135m \\
+        --ckpt pgsvd-20=ckpts/smollm2-pgsvd-20 --ckpt pgsvd-40=ckpts/smollm2-pgsvd-40 \\
+        --out benchmarks/results
+
+Variants: ``dense`` (``--model`` loaded by pgsvd_rt and written as a plain HF directory) and every
+``--ckpt NAME=DIR`` (a factored checkpoint, served through the pgsvd quantization method, no
+extra flag). Each measurement starts a fresh engine in a subprocess (this script with
+``--worker``); per dtype the variants alternate round by round (``--rounds``), so a shared
+machine's drifting load hits all alike; the median over rounds is reported.
+
+Measured per variant and ``--concurrency`` c: c requests of ``--prompt`` random tokens, each
+generating ``--new-tokens`` greedy tokens (ignore_eos), submitted together; output tokens/s =
+c T / wall. At c = 1 this is one request's decode rate (its prefill included). Beside each ratio
+against dense, the ideal one from bytes read per decoded token: every tensor of the checkpoint
+but the input embedding, plus the head (the tied embedding when tied), at the served dtype.
+Engines run eager (``--compile`` for vLLM's torch.compile; it costs minutes per start on a
+small CPU). The same script runs on a GPU where vLLM is installed.
+Output: ``<device>-<date>-vllm-<model>.{json,md}`` in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+
+log = logging.getLogger("bench_vllm")
+ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def bytes_per_token(directory: str, dtype: str) -> int:
+    """Bytes of weights one decode step reads (see the module doc), from the tensor header."""
+    from pgsvd_rt.io.quant_config import read_header
+
+    header = read_header(directory)
+    tied = json.load(open(os.path.join(directory, "config.json"))).get("tie_word_embeddings")
+    numel = {k: 1 for k in header}
+    for k, (shape, _) in header.items():
+        for s in shape:
+            numel[k] *= s
+    emb = next(k for k in header if k.endswith("embed_tokens.weight"))
+    total = sum(numel.values()) - (0 if tied else numel[emb])
+    return total * ELEM[dtype]
+
+
+def dense_dir(spec: str, root: str) -> str:
+    """The dense model as a plain HF directory vLLM can load (architectures set)."""
+    from pgsvd_rt import models
+
+    model, tok, _ = models.load(spec)
+    model.config.architectures = [type(model).__name__]
+    out = os.path.join(root, "dense")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def worker(a) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    import random
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=a.worker, dtype=a.dtype, max_model_len=a.prompt + a.new_tokens + 8,
+              enforce_eager=not a.compile, gpu_memory_utilization=a.memory, seed=0)
+    sp = SamplingParams(temperature=0, max_tokens=a.new_tokens, ignore_eos=True)
+    rng = random.Random(0)
+
+    def prompts(c):
+        return [{"prompt_token_ids": [rng.randrange(100, 20000) for _ in range(a.prompt)]}
+                for _ in range(c)]
+
+    llm.generate(prompts(2), sp, use_tqdm=False)  # warm-up
+    out = {}
+    for c in a.concurrency:
+        ps = prompts(c)
+        t0 = time.perf_counter()
+        res = llm.generate(ps, sp, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        out[str(c)] = sum(len(r.outputs[0].token_ids) for r in res) / wall
+    print("BENCH " + json.dumps(out), flush=True)
+
+
+def run_worker(a, directory: str, dtype: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", directory, "--dtype", dtype,
+           "--prompt", str(a.prompt), "--new-tokens", str(a.new_tokens), "--memory",
+           str(a.memory), "--concurrency", *map(str, a.concurrency), "--out", a.out]
+    if a.compile:
+        cmd.append("--compile")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if p.returncode != 0:
+        raise RuntimeError(f"vLLM worker failed on {directory} {dtype}:\n{p.stderr[-3000:]}")
+    line = [x for x in p.stdout.splitlines() if x.startswith("BENCH ")][-1]
+    return json.loads(line.removeprefix("BENCH "))
+
+
+def to_markdown(rep: dict) -> str:
+    m = rep["meta"]
+    lines = [f"# vLLM serving on {m['device']} ({m['date']}): {m['model']}", "",
+             f"vLLM {m['vllm']}, {'compiled' if m['compile'] else 'eager'}, prompt {m['prompt']} "
+             f"tokens, {m['new_tokens']} new tokens per request, median of {m['rounds']} rounds "
+             "(fresh engine each, variants alternating). Command: `python benchmarks/"
+             "bench_vllm.py` (see its header). tok/s = output tokens/s over all requests.", ""]
+    for dtype, rows in rep["results"].items():
+        cs = m["concurrency"]
+        lines += [f"## {dtype}", "",
+                  "| variant | MB/token | ideal | " + " | ".join(
+                      f"c={c} tok/s | ratio | frac ideal" for c in cs) + " |",
+                  "|---|---|---|" + "---|---|---|" * len(cs)]
+        dense = rows[0]
+        for r in rows:
+            ideal = dense["bytes_per_token"] / r["bytes_per_token"]
+            cells = []
+            for c in cs:
+                tps = r["tok_s"][str(c)]
+                ratio = tps / dense["tok_s"][str(c)]
+                cells.append(f"{tps:.1f} | {ratio:.2f}x | {ratio / ideal:.2f}")
+            lines.append(f"| {r['name']} | {r['bytes_per_token'] / 1e6:.1f} | {ideal:.2f}x | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="smollm2-135m", help="the dense model (a pgsvd spec)")
+    p.add_argument("--ckpt", action="append", default=[], metavar="NAME=DIR")
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(ELEM))
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--memory", type=float, default=0.25,
+                   help="vLLM gpu_memory_utilization (on the CPU: the KV-cache share of RAM)")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        return worker(a)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    ckpts = {}
+    for item in a.ckpt:
+        name, sep, path = item.partition("=")
+        if not sep or not name or name == "dense" or not os.path.isdir(path):
+            p.error(f"--ckpt must be NAME=DIR with an existing directory, got {item!r}")
+        ckpts[name] = path
+    import vllm
+
+    device = benchlib.device_name("cuda" if _cuda() else "cpu")
+    rep = {"meta": {"device": device, "date": benchlib.today(), "model": a.model,
+                    "checkpoints": ckpts, "vllm": vllm.__version__, "compile": a.compile,
+                    "prompt": a.prompt, "new_tokens": a.new_tokens, "rounds": a.rounds,
+                    "concurrency": a.concurrency, **benchlib.versions()}, "results": {}}
+    stem = os.path.join(a.out, f"{benchlib.device_slug(device)}-{benchlib.today()}-vllm-"
+                               f"{a.model}")
+    os.makedirs(a.out, exist_ok=True)
+    with tempfile.TemporaryDirectory() as root:
+        dirs = {"dense": dense_dir(a.model, root), **ckpts}
+        for dtype in a.dtypes:
+            runs = {n: [] for n in dirs}
+            for r in range(a.rounds):
+                for n, d in dirs.items():
+                    log.info("%s round %d: %s", dtype, r + 1, n)
+                    runs[n].append(run_worker(a, d, dtype))
+            rep["results"][dtype] = [
+                {"name": n, "dir": d, "bytes_per_token": bytes_per_token(d, dtype),
+                 "tok_s": {str(c): statistics.median(x[str(c)] for x in runs[n])
+                           for c in a.concurrency},
+                 "rounds": runs[n]} for n, d in dirs.items()]
+            with open(stem + ".json", "w") as f:
+                json.dump(rep, f, indent=1)
+            with open(stem + ".md", "w") as f:
+                f.write(to_markdown(rep))
+    sys.stdout.write(to_markdown(rep))
+    return rep
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()
