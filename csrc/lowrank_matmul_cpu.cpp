@@ -16,15 +16,22 @@
 //     y[m, n] = <u[n, :], t[m, :]> + bias[n] (fp32 accumulation). bf16 factors are widened in
 //     registers (a 16-bit shift); t is never rounded to bf16. AVX-512 when the CPU has it
 //     (runtime check), portable C++ otherwise.
+//   * bf16, M > 4, on a CPU with AVX512-BF16: the two GEMMs of csrc/lowrank_bf16_cpu.cpp
+//     (VDPBF16PS, fp32 accumulation, t rounded to bf16 between them as torch rounds it). torch's
+//     bf16 GEMM would go to oneDNN, which JIT-builds a primitive per new shape (~1.3 ms each):
+//     with a rank per layer, every new batch size or prompt length costs ~0.5 s on SmolLM2.
 //   * everything else (fp32 at any M: MKL's GEMV streams at the copy bandwidth and beat the
-//     one pass on small layers by up to 2x; bf16 prefill; fp16, fp64): two library GEMMs
-//     (oneDNN/MKL through ATen) with the bias fused into the second (addmm), called from C++ so
-//     the op costs one dispatch instead of a Python kernel.
+//     one pass on small layers by up to 2x, and MKL builds nothing per shape; bf16 without
+//     AVX512-BF16; fp16, fp64): two library GEMMs (oneDNN/MKL through ATen) with the bias fused
+//     into the second (addmm), called from C++ so the op costs one dispatch instead of a Python
+//     kernel.
 //
 // Bytes moved at small M: (K R + N R) * elt + M (K + N) * elt, versus N K * elt for the dense
 // layer: the ratio kappa = R (N + K) / (N K) bounds the speedup by 1 / kappa.
 
 #include <torch/extension.h>
+
+#include "lowrank_bf16_cpu.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -409,11 +416,44 @@ std::vector<at::Tensor> small_m_typed(const at::Tensor& x2, const std::vector<at
   return ys;
 }
 
+// bf16 at M > 4 on AVX512-BF16: t = x @ v_cat once (fp32), each group's slice of t rounded to
+// bf16 (zero-padded to an even width: the kernel reads R in pairs), then y_g = t_g @ u_g.T + b_g.
+std::vector<at::Tensor> bf16_gemms(const at::Tensor& x2, const std::vector<at::Tensor>& us,
+                                   const at::Tensor& v_cat, const std::vector<at::Tensor>& biases) {
+  using c10::BFloat16;
+  const int64_t M = x2.size(0), K = x2.size(1), Rt = v_cat.size(1);
+  const at::Tensor vc = v_cat.stride(1) == 1 ? v_cat : v_cat.contiguous();
+  at::Tensor t = at::empty({M, Rt}, x2.options().dtype(at::kFloat));
+  bf16::xv(x2.data_ptr<BFloat16>(), K, M, K, vc.data_ptr<BFloat16>(), vc.stride(0), Rt,
+           t.data_ptr<float>(), Rt);
+  const float* tp = t.data_ptr<float>();
+  std::vector<at::Tensor> ys;
+  int64_t r0 = 0;
+  for (size_t g = 0; g < us.size(); ++g) {
+    const int64_t N = us[g].size(0), R = us[g].size(1), ld = R + (R & 1);
+    at::Tensor tb = at::empty({M, ld}, x2.options());
+    BFloat16* tbp = tb.data_ptr<BFloat16>();
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t r = 0; r < R; ++r) tbp[m * ld + r] = BFloat16(tp[m * Rt + r0 + r]);
+      if (ld > R) tbp[m * ld + R] = BFloat16(0.f);
+    }
+    const at::Tensor ug = us[g].stride(1) == 1 ? us[g] : us[g].contiguous();
+    const at::Tensor bg = biases[g].defined() ? biases[g].contiguous() : at::Tensor();
+    ys.push_back(at::empty({M, N}, x2.options()));
+    bf16::tu(tbp, ld, M, ug.data_ptr<BFloat16>(), ug.stride(0), N, R,
+             bg.defined() ? bg.data_ptr<BFloat16>() : nullptr, ys.back().data_ptr<BFloat16>(), N);
+    r0 += R;
+  }
+  return ys;
+}
+
 // y_g for every group, (M, N_g) each; us[g] (N_g, R_g), v_cat (K, sum R_g), biases[g] or undefined.
 std::vector<at::Tensor> lowrank_2d(const at::Tensor& x2, const std::vector<at::Tensor>& us,
                                    const at::Tensor& v_cat, const std::vector<at::Tensor>& biases) {
-  if (x2.size(0) <= kOnePassMaxM && x2.scalar_type() == at::kBFloat16)
-    return small_m_typed<c10::BFloat16>(x2, us, v_cat, biases);
+  if (x2.scalar_type() == at::kBFloat16) {
+    if (x2.size(0) <= kOnePassMaxM) return small_m_typed<c10::BFloat16>(x2, us, v_cat, biases);
+    if (bf16::available()) return bf16_gemms(x2, us, v_cat, biases);
+  }
   // Otherwise: two library GEMMs per group, the bias fused into the second. Per
   // group (a column view of v_cat), not one GEMM over v_cat: the library picks its blocking by
   // shape, and this keeps every group's rounding that of the reference (x is tiny next to v).

@@ -13,6 +13,9 @@ namespace pgsvd {
 extern std::atomic<int64_t> g_native_calls;   // als_solve.cpp
 extern std::atomic<int64_t> g_lowrank_calls;  // lowrank_matmul_cpu.cpp
 bool lowrank_cpu_avx512();                    // lowrank_matmul_cpu.cpp
+namespace bf16 {
+bool available();                             // lowrank_bf16_cpu.cpp
+}  // namespace bf16
 }  // namespace pgsvd
 
 namespace {
@@ -36,6 +39,7 @@ pybind11::dict build_info() {
   d["torch"] = std::string(TORCH_VERSION);
   d["ops"] = pybind11::make_tuple("als_solve", "lowrank_matmul", "lowrank_matmul_grouped");
   d["cpu_avx512"] = pgsvd::lowrank_cpu_avx512();
+  d["cpu_avx512_bf16"] = pgsvd::bf16::available();
   return d;
 }
 
@@ -43,7 +47,7 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pgsvd_rt native kernels; importing registers CPU (and CUDA) impls of pgsvd ops";
-  m.def("build_info", &build_info, "compiler, with_cuda, torch version, ops, cpu_avx512");
+  m.def("build_info", &build_info, "compiler, with_cuda, torch version, ops, cpu_avx512(_bf16)");
   m.def(
       "native_calls", [] { return pgsvd::g_native_calls.load(std::memory_order_relaxed); },
       "number of als_solve calls served by this extension (to verify dispatch)");

@@ -4,8 +4,11 @@ Every case goes through the dispatcher (``ops.lowrank_matmul`` on CPU tensors) a
 the C++ kernel served it (its call counter), then holds the result to the 2x-PyTorch rule of
 tests/accuracy.py against fp64: fp32 (library GEMMs called from C++), and bf16 (whose torch
 error is bf16 rounding of both matmuls), where M in {1, 3} takes the one-pass AVX-512 kernel
-(fp64/fp32 accumulation, one rounding) and M = 17 the GEMM path; K = 1000 exercises the K split
-across threads and the 8-row groups' tails.
+(fp64/fp32 accumulation, one rounding) and M >= 5 the AVX512-BF16 GEMMs of
+csrc/lowrank_bf16_cpu.cpp where the CPU has them (library GEMMs otherwise): M = 5, 13, 17, 130
+cross its 12-row and 6-row blocks, R = 1, 7, 37, 64 its 32-column strips and odd-R pairs, N = 41,
+64, 130 its 64-row blocks, odd K its unpaired last row; K = 1000 exercises the K split across
+threads (both kernels) and the 8-row groups' tails.
 """
 
 import os
@@ -33,8 +36,10 @@ def _served_natively(fn):
 
 
 CASES = [(M, K, N, R, i % 2 == 0, LAYOUTS[i % 3])
-         for i, (M, R) in enumerate([(m, r) for m in (1, 3, 17) for r in (1, 7, 37)])
+         for i, (M, R) in enumerate([(m, r) for m in (1, 3, 5, 17) for r in (1, 7, 37)])
          for K, N in ((37, 41), (1000, 130))]
+CASES += [(13, 129, 64, 64, True, "sliced"), (130, 1000, 41, 37, False, "transposed"),
+          (130, 257, 130, 7, True, "contig")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -67,7 +72,7 @@ def test_native_empty(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("M", [1, 5, 40])
 def test_native_grouped_matches_fp64(M, dtype):
     """q/k/v-like groups (different N and R, one without bias) from one v_cat."""
     g = torch.Generator().manual_seed(M)
