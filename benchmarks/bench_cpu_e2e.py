@@ -16,7 +16,12 @@ Measured per variant:
   generation including its prefill) in every ``--modes`` of :mod:`pgsvd_rt.generation`:
   ``hf`` (transformers ``generate``: the plain-HF peer), ``static`` (static KV cache, inference
   mode), ``compile`` (the same with the decode step ``torch.compile``-d; its one-off compile
-  time is reported, not timed). ``hf`` runs at batch 1 only.
+  time is reported, not timed), and ``vllm`` (the peer engine: vLLM on the CPU serving the same
+  directory, eager, a fresh subprocess per round through benchmarks/bench_vllm.py's worker, B
+  requests of random prompts of the same length submitted together; its own output tokens/s,
+  prefill included, engine start excluded). ``hf`` runs at batch 1 only.
+- with ``--grouped``, also every checkpoint as ``NAME+grouped``: q/k/v and gate/up fused into one
+  ``lowrank_matmul_grouped`` call each (:func:`pgsvd_rt.nn.group_projections_`; x read once).
 - prefill latency of one ``--prefill``-token prompt (``logits_to_keep=1``, no cache).
 - bytes read per decoded token: every parameter except the input embedding (only B of its rows
   are read), plus the output head (the tied embedding when tied). The ideal decode speedup of a
@@ -31,8 +36,10 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -57,16 +64,19 @@ def bytes_per_token(model) -> int:
 
 
 def build(a, name: str, dtype: torch.dtype):
-    if a.smoke:
-        return _smoke_model(name, dtype)
-    if name == "dense":
-        from pgsvd_rt import models
-
-        model, _, _ = models.load(a.model)
-        return model.to(dtype).eval()
+    from pgsvd_rt import models
     from pgsvd_rt.io import load_factored
+    from pgsvd_rt.nn import group_projections_
 
-    model, _, _ = load_factored(a.ckpt[name], dtype=dtype)
+    base, _, grouped = name.partition("+")
+    if a.smoke:
+        model = _smoke_model(base, dtype)
+    elif base == "dense":
+        model = models.load(a.model)[0].to(dtype)
+    else:
+        model = load_factored(a.ckpt[base], dtype=dtype)[0]
+    if grouped:  # "NAME+grouped": q/k/v and gate/up fused into one op call each
+        group_projections_(model)
     return model.eval()
 
 
@@ -110,10 +120,12 @@ class Variant:
         for B in a.batches:
             ids = _prompts(B, a.prompt, vocab, seed=B)
             for mode in a.modes:
-                if mode == "hf" and B != 1:
-                    continue
+                if mode == "hf" and B != 1 or mode == "vllm" and "+" in name:
+                    continue  # HF at batch 1 only; vLLM groups merged layers itself
                 if mode == "hf":
                     self.work[("decode", mode, B)] = self._hf(ids, a.new_tokens)
+                elif mode == "vllm":
+                    self.work[("decode", mode, B)] = self._vllm(a, name, dtype, B)
                 else:
                     dec = StaticGreedy(self.model, a.prompt + a.new_tokens,
                                        compile=mode == "compile")
@@ -129,9 +141,27 @@ class Variant:
                                        max_new_tokens=T, min_new_tokens=T, pad_token_id=0)
         return run
 
+    @staticmethod
+    def _vllm(a, name: str, dtype: torch.dtype, B: int):
+        """Seconds vLLM takes for B requests of a.prompt tokens, a.new_tokens each."""
+        import bench_vllm
+
+        def run():
+            if name == "dense" and "dense" not in a.vllm_dirs:
+                a.vllm_dirs["dense"] = bench_vllm.dense_dir(a.model, a.vllm_root)
+            cfg = argparse.Namespace(prompt=a.prompt, new_tokens=a.new_tokens, memory=0.1,
+                                     concurrency=[B], compile=False, out=a.out)
+            tps = bench_vllm.run_worker(cfg, a.vllm_dirs.get(name) or a.ckpt[name],
+                                        str(dtype).removeprefix("torch."))[str(B)]
+            return B * a.new_tokens / tps
+        return run
+
     def warm_up(self) -> None:
-        """Untimed first calls: compilation (its time is recorded), first-touch, caches."""
+        """Untimed first calls: compilation (its time is recorded), first-touch, caches (not
+        for vLLM: every round starts a fresh engine, which warms itself up)."""
         for key, fn in self.work.items():
+            if key[1] == "vllm":
+                continue
             t0 = time.perf_counter()
             with torch.inference_mode() if key[1] != "hf" else torch.no_grad():
                 fn()
@@ -142,8 +172,9 @@ class Variant:
         for key, fn in self.work.items():
             with torch.inference_mode() if key[1] != "hf" else torch.no_grad():
                 t0 = time.perf_counter()
-                fn()
-                self.runs.setdefault(key, []).append(time.perf_counter() - t0)
+                seconds = fn()  # the vLLM worker reports its own time
+                wall = time.perf_counter() - t0
+                self.runs.setdefault(key, []).append(seconds if key[1] == "vllm" else wall)
 
     def summary(self, a) -> dict:
         res = dict(self.res)
@@ -173,6 +204,9 @@ def _table(rep: dict, dtype: str) -> list[str]:
         cells = []
         for m, b in keys:
             t = tok.get((v["variant"], m, b))
+            if t is None:
+                cells.append("-")
+                continue
             sp = t / tok[("dense", m, b)]
             cells.append(f"{t:.1f} ({sp:.2f}x, {sp / ideal:.2f})")
         pre = v.get("prefill", {}).get("ms", float("nan"))
@@ -207,12 +241,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--modes", nargs="+", default=["hf", "static", "compile"],
-                   choices=["hf", "static", "compile"])
+                   choices=["hf", "static", "compile", "vllm"])
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prefill", type=int, default=256)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--grouped", action="store_true",
+                   help="also each checkpoint with q/k/v and gate/up grouped (NAME+grouped)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     if a.threads:
@@ -224,7 +260,11 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--ckpt must be NAME=DIR with an existing directory, got {item!r}")
         ckpts[name] = path
     a.ckpt = ckpts
+    if "vllm" in a.modes and a.smoke:
+        p.error("--smoke runs no vLLM (its tiny model is not a directory)")
+    a.vllm_dirs, a.vllm_root = {}, tempfile.mkdtemp(prefix="pgsvd-e2e-")
     names = ["dense"] + (["lowrank"] if a.smoke else list(ckpts))
+    names += [f"{n}+grouped" for n in names[1:] if a.grouped]
     if a.smoke:
         a.batches, a.prompt, a.new_tokens, a.prefill, a.reps = [1, 2], 8, 4, 16, 1
         a.modes = [m for m in a.modes if m != "compile"]
@@ -253,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(rep, f, indent=1)
         with open(stem + ".md", "w") as f:
             f.write(to_markdown(rep))
+    shutil.rmtree(a.vllm_root, ignore_errors=True)
     sys.stdout.write(to_markdown(rep))
     return rep
 
