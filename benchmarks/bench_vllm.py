@@ -16,8 +16,12 @@ c T / wall. At c = 1 this is one request's decode rate (its prefill included). B
 against dense, the ideal one from bytes read per decoded token: every tensor of the checkpoint
 but the input embedding, plus the head (the tied embedding when tied), at the served dtype.
 Engines run eager (``--compile`` for vLLM's torch.compile; it costs minutes per start on a
-small CPU). The same script runs on a GPU where vLLM is installed.
-Output: ``<device>-<date>-vllm-<model>.{json,md}`` in --out.
+small CPU). ``--tp T`` serves every variant with tensor parallelism T (on the CPU: T ranks of
+cores/T threads, one process each); ``--tp-reduce rank`` serves the factored checkpoints with
+``PGSVD_VLLM_TP_REDUCE=rank`` (row-parallel layers all-reduce the (M, R) partial instead of the
+(M, N) output), ``both`` adds them as ``NAME@rank`` beside the default reduction.
+The same script runs on a GPU where vLLM is installed.
+Output: ``<device>-<date>-vllm-<model>[-tp<T>].{json,md}`` in --out.
 """
 
 from __future__ import annotations
@@ -67,14 +71,21 @@ def dense_dir(spec: str, root: str) -> str:
 
 
 def worker(a) -> None:
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    cpus = os.cpu_count() or 1
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpus // a.tp)))
+    if a.tp == 1:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    else:  # one process per rank, each bound to its own cores
+        per = max(1, cpus // a.tp)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
+            f"{i * per}-{i * per + per - 1}" if per > 1 else str(i % cpus) for i in range(a.tp)))
     import random
 
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=a.worker, dtype=a.dtype, max_model_len=a.prompt + a.new_tokens + 8,
+              tensor_parallel_size=a.tp,
               enforce_eager=not a.compile, gpu_memory_utilization=a.memory, seed=0)
     sp = SamplingParams(temperature=0, max_tokens=a.new_tokens, ignore_eos=True)
     rng = random.Random(0)
@@ -94,13 +105,15 @@ def worker(a) -> None:
     print("BENCH " + json.dumps(out), flush=True)
 
 
-def run_worker(a, directory: str, dtype: str) -> dict:
+def run_worker(a, directory: str, dtype: str, tp_reduce: str = "output") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", directory, "--dtype", dtype,
            "--prompt", str(a.prompt), "--new-tokens", str(a.new_tokens), "--memory",
-           str(a.memory), "--concurrency", *map(str, a.concurrency), "--out", a.out]
+           str(a.memory), "--concurrency", *map(str, a.concurrency), "--out", a.out,
+           "--tp", str(getattr(a, "tp", 1))]
     if a.compile:
         cmd.append("--compile")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PGSVD_VLLM_TP_REDUCE"] = tp_reduce
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if p.returncode != 0:
         raise RuntimeError(f"vLLM worker failed on {directory} {dtype}:\n{p.stderr[-3000:]}")
@@ -111,7 +124,8 @@ def run_worker(a, directory: str, dtype: str) -> dict:
 def to_markdown(rep: dict) -> str:
     m = rep["meta"]
     lines = [f"# vLLM serving on {m['device']} ({m['date']}): {m['model']}", "",
-             f"vLLM {m['vllm']}, {'compiled' if m['compile'] else 'eager'}, prompt {m['prompt']} "
+             f"vLLM {m['vllm']}, {'compiled' if m['compile'] else 'eager'}, "
+             f"tensor parallel {m.get('tp', 1)}, prompt {m['prompt']} "
              f"tokens, {m['new_tokens']} new tokens per request, median of {m['rounds']} rounds "
              "(fresh engine each, variants alternating). Command: `python benchmarks/"
              "bench_vllm.py` (see its header). tok/s = output tokens/s over all requests.", ""]
@@ -148,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--memory", type=float, default=0.25,
                    help="vLLM gpu_memory_utilization (on the CPU: the KV-cache share of RAM)")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    p.add_argument("--tp-reduce", choices=["output", "rank", "both"], default="output",
+                   help="the factored checkpoints' row-parallel reduction (see the header)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -166,23 +183,30 @@ def main(argv: list[str] | None = None) -> dict | None:
     rep = {"meta": {"device": device, "date": benchlib.today(), "model": a.model,
                     "checkpoints": ckpts, "vllm": vllm.__version__, "compile": a.compile,
                     "prompt": a.prompt, "new_tokens": a.new_tokens, "rounds": a.rounds,
-                    "concurrency": a.concurrency, **benchlib.versions()}, "results": {}}
+                    "concurrency": a.concurrency, "tp": a.tp, "tp_reduce": a.tp_reduce,
+                    **benchlib.versions()}, "results": {}}
     stem = os.path.join(a.out, f"{benchlib.device_slug(device)}-{benchlib.today()}-vllm-"
-                               f"{a.model}")
+                               f"{a.model}" + (f"-tp{a.tp}" if a.tp > 1 else ""))
     os.makedirs(a.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as root:
-        dirs = {"dense": dense_dir(a.model, root), **ckpts}
+        # name -> (directory, reduction of the factored row-parallel layers)
+        reduce = "rank" if a.tp_reduce == "rank" else "output"
+        dirs = {"dense": (dense_dir(a.model, root), "output")}
+        dirs |= {n: (d, reduce) for n, d in ckpts.items()}
+        if a.tp_reduce == "both":
+            dirs |= {f"{n}@rank": (d, "rank") for n, d in ckpts.items()}
         for dtype in a.dtypes:
             runs = {n: [] for n in dirs}
             for r in range(a.rounds):
-                for n, d in dirs.items():
+                for n, (d, red) in dirs.items():
                     log.info("%s round %d: %s", dtype, r + 1, n)
-                    runs[n].append(run_worker(a, d, dtype))
+                    runs[n].append(run_worker(a, d, dtype, red))
             rep["results"][dtype] = [
-                {"name": n, "dir": d, "bytes_per_token": bytes_per_token(d, dtype),
+                {"name": n, "dir": d, "tp_reduce": red,
+                 "bytes_per_token": bytes_per_token(d, dtype),
                  "tok_s": {str(c): statistics.median(x[str(c)] for x in runs[n])
                            for c in a.concurrency},
-                 "rounds": runs[n]} for n, d in dirs.items()]
+                 "rounds": runs[n]} for n, (d, red) in dirs.items()]
             with open(stem + ".json", "w") as f:
                 json.dump(rep, f, indent=1)
             with open(stem + ".md", "w") as f:
