@@ -206,57 +206,69 @@ bool available() {
   return ok;
 }
 
+namespace {
+
+// t[m0:m1, :R] += x[m0:m1, k0:k1] @ v[k0:k1, :R], rows of v kXvChunk at a time (the next chunk
+// prefetched): every unit of the chunk reads it from L1/L2, memory sees whole rows in order.
+void xv_range(const uint16_t* xs, int64_t ldx, int64_t m0, int64_t m1, int64_t rows, int64_t k0,
+              int64_t k1, const uint16_t* vs, int64_t ldv, int64_t R, float* t, int64_t ldt) {
+  for (int64_t kb = k0; kb < k1; kb += kXvChunk) {
+    const int64_t kc = std::min<int64_t>(kXvChunk, k1 - kb);
+    if (kb + kc < k1)
+      prefetch_l2(vs + (kb + kc) * ldv, std::min<int64_t>(kXvChunk, k1 - kb - kc) * ldv * 2);
+    for (int64_t m = m0; m < m1; m += rows) {
+      const int64_t mb = std::min(rows, m1 - m);
+      for (int64_t c0 = 0; c0 < R; c0 += kXvCols) {
+        const int64_t nc = std::min<int64_t>(kXvCols, R - c0);
+        const uint16_t* xm = xs + m * ldx + kb;
+        const uint16_t* vk = vs + kb * ldv + c0;
+        float* tm = t + m * ldt + c0;
+        switch (mb) {
+#define PGSVD_XV(n) case n: xv_unit<n>(xm, ldx, kc, vk, ldv, nc, tm, ldt); break;
+          PGSVD_XV(1) PGSVD_XV(2) PGSVD_XV(3) PGSVD_XV(4) PGSVD_XV(5) PGSVD_XV(6)
+          PGSVD_XV(7) PGSVD_XV(8) PGSVD_XV(9) PGSVD_XV(10) PGSVD_XV(11) PGSVD_XV(12)
+#undef PGSVD_XV
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
 void xv(const c10::BFloat16* x, int64_t ldx, int64_t M, int64_t K, const c10::BFloat16* v,
         int64_t ldv, int64_t R, float* t, int64_t ldt) {
   const auto* xs = reinterpret_cast<const uint16_t*>(x);
   const auto* vs = reinterpret_cast<const uint16_t*>(v);
   if (M == 0) return;
-  // K is split across threads: each streams its own rows of v from memory in order (whole rows,
-  // kXvChunk at a time, the next chunk prefetched), into a private fp32 partial of t; then the
-  // partials are summed. Splitting M or R instead would have every thread read all of v, in
-  // 64-byte pieces of every row, which ran at a fifth of the bandwidth with cold weights.
-  int64_t nt = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, K / (2 * kXvChunk)));
-  if (at::in_parallel_region()) nt = 1;
+  for (int64_t m = 0; m < M; ++m) std::fill(t + m * ldt, t + m * ldt + R, 0.f);
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const int64_t nmb = (M + kXvRows - 1) / kXvRows, rows = (M + nmb - 1) / nmb;
+  if (nmb >= 4 * threads) {
+    // Many rows (prefill, big batches): compute-bound; threads take row blocks of x and each
+    // reads all of v (from cache after the first block), so no partials to sum.
+    at::parallel_for(0, nmb, 1, [&](int64_t b, int64_t e) {
+      xv_range(xs, ldx, b * rows, std::min(M, e * rows), rows, 0, K, vs, ldv, R, t, ldt);
+    });
+    return;
+  }
+  // Few rows (decode batches): memory-bound; K is split across threads, each streaming its own
+  // rows of v into a private fp32 partial of t, then the partials are summed. Splitting M or R
+  // instead would have every thread read all of v, in 64-byte pieces of every row, which ran at
+  // a fifth of the bandwidth with cold weights.
+  const int64_t nt = std::min<int64_t>(threads, std::max<int64_t>(1, K / (2 * kXvChunk)));
   const int64_t kper = ((K + nt - 1) / nt + 1) & ~int64_t(1);  // even: pairs never straddle
-  std::vector<float> part(static_cast<size_t>(nt > 1 ? nt * M * R : 0), 0.f);
-  for (int64_t m = 0; m < M && nt == 1; ++m) std::fill(t + m * ldt, t + m * ldt + R, 0.f);
+  std::vector<float> part(static_cast<size_t>((nt - 1) * M * R), 0.f);
   at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) {
-      float* tp = nt > 1 ? part.data() + p * M * R : t;
-      const int64_t ldp = nt > 1 ? R : ldt, k1 = std::min(K, (p + 1) * kper);
-      for (int64_t k0 = p * kper; k0 < k1; k0 += kXvChunk) {
-        const int64_t kc = std::min<int64_t>(kXvChunk, k1 - k0);
-        if (k0 + kc < k1)
-          prefetch_l2(vs + (k0 + kc) * ldv, std::min<int64_t>(kXvChunk, k1 - k0 - kc) * ldv * 2);
-        for (int64_t m0 = 0; m0 < M; m0 += rows) {
-          const int64_t mb = std::min(rows, M - m0);
-          for (int64_t c0 = 0; c0 < R; c0 += kXvCols) {
-            const int64_t nc = std::min<int64_t>(kXvCols, R - c0);
-            const uint16_t* xm = xs + m0 * ldx + k0;
-            const uint16_t* vk = vs + k0 * ldv + c0;
-            float* tm = tp + m0 * ldp + c0;
-            switch (mb) {
-#define PGSVD_XV(n) case n: xv_unit<n>(xm, ldx, kc, vk, ldv, nc, tm, ldp); break;
-              PGSVD_XV(1) PGSVD_XV(2) PGSVD_XV(3) PGSVD_XV(4) PGSVD_XV(5) PGSVD_XV(6)
-              PGSVD_XV(7) PGSVD_XV(8) PGSVD_XV(9) PGSVD_XV(10) PGSVD_XV(11) PGSVD_XV(12)
-#undef PGSVD_XV
-            }
-          }
-        }
-      }
+    for (int64_t p = b; p < e; ++p) {  // part 0 accumulates into t itself
+      float* tp = p == 0 ? t : part.data() + (p - 1) * M * R;
+      xv_range(xs, ldx, 0, M, rows, p * kper, std::min(K, (p + 1) * kper), vs, ldv, R, tp,
+               p == 0 ? ldt : R);
     }
   });
-  if (nt > 1) {
-    at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) {
-      for (int64_t m = b; m < e; ++m)
-        for (int64_t r = 0; r < R; ++r) {
-          float acc = 0.f;
-          for (int64_t p = 0; p < nt; ++p) acc += part[(p * M + m) * R + r];
-          t[m * ldt + r] = acc;
-        }
-    });
-  }
+  for (int64_t p = 1; p < nt; ++p)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < R; ++r) t[m * ldt + r] += part[((p - 1) * M + m) * R + r];
 }
 
 void tu(const c10::BFloat16* tb, int64_t ldtb, int64_t M, const c10::BFloat16* u, int64_t ldu,
