@@ -80,11 +80,17 @@ def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
     return 2 * nbytes / statistics.median(ts) / 1e9
 
 
-def interleaved(calls: dict, budget_s: float, min_rounds: int = 7, max_rounds: int = 60) -> dict:
-    """name -> (median, q20, q80) ms; ``calls[name]`` is a list of zero-argument callables that
-    are cycled (one per round), every provider called once per round."""
-    for fns in calls.values():  # warm-up: first-touch, thread pool, oneDNN primitive caches
+def interleaved(calls: dict, budget_s: float, min_rounds: int = 7,
+                max_rounds: int = 60) -> tuple[dict, dict]:
+    """(name -> (median, q20, q80) ms, name -> ms of the first call); ``calls[name]`` is a list of
+    zero-argument callables that are cycled (one per round), every provider called once per
+    round. The first call at a new shape includes whatever the library builds per shape (oneDNN
+    JIT-builds a primitive per new bf16 GEMM shape); the timed rounds come after it."""
+    first = {}
+    for k, fns in calls.items():  # warm-up: first-touch, thread pool, oneDNN primitive caches
+        t1 = time.perf_counter()
         fns[0]()
+        first[k] = (time.perf_counter() - t1) * 1e3
         fns[-1]()
     t0 = time.perf_counter()
     for fns in calls.values():
@@ -102,7 +108,7 @@ def interleaved(calls: dict, budget_s: float, min_rounds: int = 7, max_rounds: i
     for k, v in ts.items():
         v.sort()
         out[k] = (statistics.median(v), v[len(v) // 5], v[min(len(v) - 1, 4 * len(v) // 5)])
-    return out
+    return out, first
 
 
 def _copies(t: torch.Tensor, n: int) -> list[torch.Tensor]:
@@ -137,7 +143,7 @@ def bench_shape(label: str, N: int, K: int, dtype: torch.dtype, kappas, ms, cold
                 "dense": [lambda x=x, w=w: F.linear(x, w) for w in Ws],
             }
             with torch.inference_mode():
-                res = interleaved(calls, budget_s)
+                res, first = interleaved(calls, budget_s)
             dense_ms = res["dense"][0]
             for prov in PROVIDERS:
                 med, q1, q3 = res[prov]
@@ -146,7 +152,8 @@ def bench_shape(label: str, N: int, K: int, dtype: torch.dtype, kappas, ms, cold
                     "shape": label, "N": N, "K": K, "dtype": str(dtype)[6:], "kappa": kappa,
                     "R": R, "M": M, "provider": prov, "ms": med, "ms_q20": q1, "ms_q80": q3,
                     "GBps": nbytes / (med * 1e-3) / 1e9, "GFLOPs": flops / (med * 1e-3) / 1e9,
-                    "speedup_vs_dense": dense_ms / med, "ideal_speedup": 1 / kappa})
+                    "speedup_vs_dense": dense_ms / med, "ideal_speedup": 1 / kappa,
+                    "first_ms": first[prov]})
             print(f"{label} {str(dtype)[6:]} k{kappa} M{M}: " + ", ".join(
                 f"{p} {res[p][0]:.3f} ms" for p in PROVIDERS), file=sys.stderr, flush=True)
         del facs
@@ -165,16 +172,18 @@ def to_markdown(rep: dict) -> str:
         f"cold weights (>= {m['cold_bytes'] / 2**20:.0f} MiB of "
         "copies per provider), providers interleaved, median [q20, q80]",
         "- speedup = dense ms / provider ms; ideal = 1/kappa; frac ideal = speedup x kappa; "
-        "frac BW = GB/s / copy bandwidth", "",
+        "frac BW = GB/s / copy bandwidth; first call = the untimed first call at this shape "
+        "(what a library builds per shape is in it)", "",
         "| shape | N x K | dtype | kappa | R | M | provider | ms [q20, q80] | GB/s | frac BW | "
-        "speedup vs dense | frac ideal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "GFLOP/s | speedup vs dense | frac ideal | first call ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rep["rows"]:
         lines.append(
             f"| {r['shape']} | {r['N']}x{r['K']} | {r['dtype']} | {r['kappa']} | {r['R']} | "
             f"{r['M']} | {r['provider']} | {r['ms']:.4f} [{r['ms_q20']:.4f}, {r['ms_q80']:.4f}]"
-            f" | {r['GBps']:.1f} | {r['GBps'] / bw:.2f} | {r['speedup_vs_dense']:.2f}x | "
-            f"{r['speedup_vs_dense'] * r['kappa']:.2f} |")
+            f" | {r['GBps']:.1f} | {r['GBps'] / bw:.2f} | {r['GFLOPs']:.0f} | "
+            f"{r['speedup_vs_dense']:.2f}x | {r['speedup_vs_dense'] * r['kappa']:.2f} | "
+            f"{r.get('first_ms', float('nan')):.2f} |")
     return "\n".join(lines) + "\n"
 
 
