@@ -149,8 +149,9 @@ class Variant:
         def run():
             if name == "dense" and "dense" not in a.vllm_dirs:
                 a.vllm_dirs["dense"] = bench_vllm.dense_dir(a.model, a.vllm_root)
-            cfg = argparse.Namespace(prompt=a.prompt, new_tokens=a.new_tokens, memory=0.1,
-                                     concurrency=[B], compile=False, out=a.out)
+            cfg = argparse.Namespace(prompt=a.prompt, new_tokens=a.new_tokens,
+                                     memory=a.vllm_memory, concurrency=[B], compile=False,
+                                     out=a.out)
             tps = bench_vllm.run_worker(cfg, a.vllm_dirs.get(name) or a.ckpt[name],
                                         str(dtype).removeprefix("torch."))[str(B)]
             return B * a.new_tokens / tps
@@ -247,6 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prefill", type=int, default=256)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--vllm-memory", type=float, default=0.25,
+                   help="vLLM gpu_memory_utilization: on the CPU the share of RAM for its weights "
+                        "and KV cache (the variants this process holds count against it too)")
     p.add_argument("--grouped", action="store_true",
                    help="also each checkpoint with q/k/v and gate/up grouped (NAME+grouped)")
     a = p.parse_args(argv)

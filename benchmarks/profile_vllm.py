@@ -1,0 +1,58 @@
+"""Where one vLLM engine spends a generation: torch profiler table of every op (CPU).
+
+    python benchmarks/profile_vllm.py DIR [--dtype bfloat16] [--concurrency 1] [--shapes]
+
+Starts vLLM in-process on DIR (a dense HF directory or a factored checkpoint), warms up, times
+two generations of ``--concurrency`` requests (random prompts of 32 tokens, 64 new tokens each),
+then profiles a third and prints the ops by self CPU time (``--shapes``: per input shape). This
+is how the README's split of a decode step into linear layers and the rest was read off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("dir")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--compile", action="store_true", help="vLLM's torch.compile (default eager)")
+    p.add_argument("--shapes", action="store_true", help="group the table by input shapes")
+    p.add_argument("--rows", type=int, default=30)
+    a = p.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=a.dir, dtype=a.dtype, max_model_len=128, enforce_eager=not a.compile,
+              gpu_memory_utilization=0.25, seed=0)
+    sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    rng = random.Random(0)
+
+    def prompts():
+        return [{"prompt_token_ids": [rng.randrange(100, 20000) for _ in range(32)]}
+                for _ in range(a.concurrency)]
+
+    llm.generate(prompts(), sp, use_tqdm=False)
+    for _ in range(2):
+        t0 = time.perf_counter()
+        llm.generate(prompts(), sp, use_tqdm=False)
+        print(f"output tokens/s: {a.concurrency * 64 / (time.perf_counter() - t0):.1f}")
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=a.shapes) as prof:
+        t0 = time.perf_counter()
+        llm.generate(prompts(), sp, use_tqdm=False)
+        wall = time.perf_counter() - t0
+    print(f"profiled generation: {wall * 1e3:.0f} ms wall, {wall / 64 * 1e3:.1f} ms per step")
+    print(prof.key_averages(group_by_input_shape=a.shapes).table(
+        sort_by="self_cpu_time_total", row_limit=a.rows))
+
+
+if __name__ == "__main__":
+    main()
