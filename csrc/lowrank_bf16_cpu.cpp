@@ -284,7 +284,8 @@ void tu(const c10::BFloat16* tb, int64_t ldtb, int64_t M, const c10::BFloat16* u
     pack.resize(static_cast<size_t>(std::max<int64_t>(P, 1) * kTuCols));
     for (int64_t w = b; w < e; ++w) {
       const int64_t n0 = w * kTuCols, nc = std::min<int64_t>(kTuCols, N - n0);
-      if (w + 1 < e) prefetch_l2(us + (n0 + nc) * ldu, std::min<int64_t>(kTuCols, N - n0 - nc) * ldu * 2);
+      if (w + 1 < e)  // the next unit's rows, into L2 while this one computes
+        prefetch_l2(us + (n0 + nc) * ldu, std::min<int64_t>(kTuCols, N - n0 - nc) * ldu * 2);
       pack_u(us + n0 * ldu, ldu, nc, R, pack.data());
       const uint16_t* bn = bs ? bs + n0 : nullptr;
       for (int64_t m0 = 0; m0 < M; m0 += kTuRows) {
