@@ -3,15 +3,17 @@
 //
 // Why our own: torch's bf16 GEMM on the CPU goes to oneDNN, which JIT-builds a primitive for
 // every new (M, K, N) and keeps a bounded cache of them. A PGSVD model has a different rank in
-// almost every layer, so a new batch size or prompt length builds ~420 primitives at about
-// 1.3 ms each (measured here: 0.55 s for one new M of SmolLM2-135M), and a server whose batch
-// size changes every step thrashes the cache. These kernels have no per-shape state; their cost
-// is only the arithmetic and the bytes (benchmarks/bench_cpu_kernels.py).
+// almost every layer, so a new batch size or prompt length builds ~420 primitives (SmolLM2-135M;
+// 0.6-2.4 ms each on its shapes, the first-call column of benchmarks/bench_cpu_kernels.py), and
+// a server whose batch size changes every step thrashes the cache. These kernels have no
+// per-shape state; their cost is only the arithmetic and the bytes.
 //
-// xv (t = x @ v, x (M, K), v (K, R), t fp32): units of (up to 12 rows of x) x (32 columns of v),
-// split across threads. Two rows of v are interleaved in registers into (v[k, r], v[k+1, r])
-// pairs, x's pair (x[m, k], x[m, k+1]) is broadcast, VDPBF16PS accumulates: 24 fp32 accumulators
-// per unit, v read once per row block.
+// xv (t = x @ v, x (M, K), v (K, R), t fp32): units of (up to 12 rows of x) x (32 columns of v).
+// Two rows of v are interleaved in registers into (v[k, r], v[k+1, r]) pairs, x's pair
+// (x[m, k], x[m, k+1]) is broadcast, VDPBF16PS accumulates: 24 fp32 accumulators per unit.
+// v is walked 64 whole rows at a time (the next 64 prefetched to L2); few rows of x (decode
+// batches, memory-bound) split K across threads into fp32 partials, many rows (prefill,
+// compute-bound) split the rows of x.
 // tu (y = tb @ u.T + bias, tb = t rounded to bf16 as torch's own two-matmul path rounds it):
 // units of 64 rows of u. A unit first transposes its rows into pairs along R (16x16 transposes of
 // 32-bit pairs, into a thread-local buffer of R * 128 bytes), then runs blocks of 6 rows of tb

@@ -18,8 +18,9 @@
 //     (runtime check), portable C++ otherwise.
 //   * bf16, M > 4, on a CPU with AVX512-BF16: the two GEMMs of csrc/lowrank_bf16_cpu.cpp
 //     (VDPBF16PS, fp32 accumulation, t rounded to bf16 between them as torch rounds it). torch's
-//     bf16 GEMM would go to oneDNN, which JIT-builds a primitive per new shape (~1.3 ms each):
-//     with a rank per layer, every new batch size or prompt length costs ~0.5 s on SmolLM2.
+//     bf16 GEMM would go to oneDNN, which JIT-builds a primitive per new shape (the first-call
+//     column of benchmarks/bench_cpu_kernels.py): with a rank per layer, every new batch size or
+//     prompt length builds hundreds of them.
 //   * everything else (fp32 at any M: MKL's GEMV streams at the copy bandwidth and beat the
 //     one pass on small layers by up to 2x, and MKL builds nothing per shape; bf16 without
 //     AVX512-BF16; fp16, fp64): two library GEMMs (oneDNN/MKL through ATen) with the bias fused
@@ -433,10 +434,12 @@ std::vector<at::Tensor> bf16_gemms(const at::Tensor& x2, const std::vector<at::T
     const int64_t N = us[g].size(0), R = us[g].size(1), ld = R + (R & 1);
     at::Tensor tb = at::empty({M, ld}, x2.options());
     BFloat16* tbp = tb.data_ptr<BFloat16>();
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t r = 0; r < R; ++r) tbp[m * ld + r] = BFloat16(tp[m * Rt + r0 + r]);
-      if (ld > R) tbp[m * ld + R] = BFloat16(0.f);
-    }
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / ld), [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) {
+        for (int64_t r = 0; r < R; ++r) tbp[m * ld + r] = BFloat16(tp[m * Rt + r0 + r]);
+        if (ld > R) tbp[m * ld + R] = BFloat16(0.f);
+      }
+    });
     const at::Tensor ug = us[g].stride(1) == 1 ? us[g] : us[g].contiguous();
     const at::Tensor bg = biases[g].defined() ? biases[g].contiguous() : at::Tensor();
     ys.push_back(at::empty({M, N}, x2.options()));
