@@ -35,7 +35,10 @@ u is re-read once per row tile, as in any tiled GEMM.
 
 Synchronisation state (one int32 buffer ``[ticket, exited, done[0..n_mtiles)]``) is reset by the
 last program to exit, so it is zero again for the next launch on the same stream: no memset
-launch. Buffers are cached per (device, stream); during CUDA-graph capture a fresh zeroed buffer
+launch. A launch that raises (an interrupted interpreter run, a launch error) may leave it
+non-zero, so the launcher drops that buffer and the next launch takes a fresh zeroed one: an
+aborted launch can never make a later one spin (a CUDA fault that kills programs part-way
+poisons the whole context anyway, so no later launch runs on it). Buffers are cached per (device, stream); during CUDA-graph capture a fresh zeroed buffer
 is taken from the graph's pool (a memset node inside the graph, no extra CPU launch at replay).
 Limits: replaying one captured graph concurrently on two streams is unsupported; autotuning
 runs on the first call per (M bucket, K, N, R, dtype), so warm up before CUDA-graph capture.
@@ -61,6 +64,7 @@ R-range and writes its own output. Up to MAX_GROUPS groups per launch.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -263,19 +267,20 @@ _prefill_tuned = triton.autotune(
 _SYNC_CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def _sync_buffer(device: torch.device, n: int) -> torch.Tensor:
-    """A zeroed int32 buffer of >= n entries, private to (device, current stream)."""
+def _sync_buffer(device: torch.device, n: int) -> tuple[tuple | None, torch.Tensor]:
+    """(cache key, a zeroed int32 buffer of >= n entries) private to (device, current stream);
+    on the CPU (the interpreter) private to the calling thread as well. Key None: not cached."""
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
-            return torch.zeros(n, dtype=torch.int32, device=device)
+            return None, torch.zeros(n, dtype=torch.int32, device=device)
         key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream)
     else:
-        key = (device.type, device.index, 0)
+        key = (device.type, device.index, threading.get_ident())
     buf = _SYNC_CACHE.get(key)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
         _SYNC_CACHE[key] = buf
-    return buf
+    return key, buf
 
 
 def _next_pow2(n: int) -> int:
@@ -338,7 +343,7 @@ def lowrank_matmul_grouped_triton(
     decode = M <= DECODE_MAX_M
     split_k = config["SPLIT_K"] if config else _MAX_SPLIT_K[decode]
     t_ws = torch.empty((split_k, M, R_total), dtype=torch.float32, device=x.device)
-    sync = _sync_buffer(x.device, _SYNC_HEADER_PY + triton.cdiv(M, _MIN_BLOCK_M))
+    sync_key, sync = _sync_buffer(x.device, _SYNC_HEADER_PY + triton.cdiv(M, _MIN_BLOCK_M))
     group_args = []
     for g in range(MAX_GROUPS):
         gi = min(g, G - 1)
@@ -356,10 +361,16 @@ def lowrank_matmul_grouped_triton(
     args = [x, v_cat, t_ws, sync, *group_args, M, K, R_total, x.stride(0), x.stride(1),
             v_cat.stride(0), v_cat.stride(1), _next_pow2(M)]
     kwargs = dict(NUM_GROUPS=G, DOT_PRECISION=_dot_precision(x.dtype), **has_bias)
-    if config is not None:
-        _lowrank_matmul_kernel[grid](*args, **kwargs, **config)
-    else:
-        (_decode_tuned if decode else _prefill_tuned)[grid](*args, **kwargs)
+    try:
+        if config is not None:
+            _lowrank_matmul_kernel[grid](*args, **kwargs, **config)
+        else:
+            (_decode_tuned if decode else _prefill_tuned)[grid](*args, **kwargs)
+    except BaseException:
+        # Some programs may have run and left the buffer non-zero (its reset is the last
+        # program's job): never hand it to another launch, whose phase 2 would spin forever.
+        _SYNC_CACHE.pop(sync_key, None)
+        raise
     return ys
 
 

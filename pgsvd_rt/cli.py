@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from pgsvd_rt.device import DTYPES
@@ -25,6 +27,7 @@ def _cmd_compress(args) -> dict:
     from pgsvd_rt.compress import compress_
     from pgsvd_rt.config import CalibConfig, CompressConfig
     from pgsvd_rt.io import save_factored
+    from pgsvd_rt.io.atomic import check_writable
 
     calib = CalibConfig(samples=args.calib_samples, seq_len=args.seq_len,
                         batch_size=args.batch_size, blocks_per_pass=args.blocks_per_pass)
@@ -34,6 +37,7 @@ def _cmd_compress(args) -> dict:
                             calib=calib)
     if Path(args.out).exists() and not args.overwrite:  # fail before the long work
         raise FileExistsError(f"output directory {args.out!r} exists; pass --overwrite")
+    check_writable(args.out)
     t0 = time.perf_counter()
     model, tokenizer, source = models.load(args.model)
     if source.kind == "factored":
@@ -148,8 +152,33 @@ def _cmd_bench(args) -> dict:
     return run_suite(args.out, smoke=args.smoke, parts=parts, plots=not args.no_plots)
 
 
+class UsageError(Exception):
+    """A command line argparse refused (exit 2, JSON with --json)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+POSITIVE = _int_at_least(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pgsvd", description=__doc__.split("\n")[0])
+    p = _Parser(prog="pgsvd", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     model_help = ("smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, a .gguf file, a HF "
                   "directory, or a pgsvd checkpoint directory")
@@ -161,12 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ratio", type=float, default=0.2, help="target compression in (0, 1)")
     c.add_argument("--eps", type=float, default=None, help="PGSVD tolerance (instead of ratio)")
     c.add_argument("--per-class-eps", action="store_true", help="one ε for attention, one for MLP")
-    c.add_argument("--calib-samples", type=int, default=64)
-    c.add_argument("--seq-len", type=int, default=512)
-    c.add_argument("--batch-size", type=int, default=4)
-    c.add_argument("--blocks-per-pass", type=int, default=None,
+    c.add_argument("--calib-samples", type=POSITIVE, default=64)
+    c.add_argument("--seq-len", type=_int_at_least(2), default=512)
+    c.add_argument("--batch-size", type=POSITIVE, default=4)
+    c.add_argument("--blocks-per-pass", type=POSITIVE, default=None,
                    help="bound calibration memory: Grams of this many blocks at a time")
-    c.add_argument("--als-iters", type=int, default=10)
+    c.add_argument("--als-iters", type=POSITIVE, default=10)
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
 
@@ -174,16 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="smollm2-135m", help=model_help)
     e.add_argument("--text-file", default=None,
                    help="e.g. WikiText-2 raw test; default: held-out wiki-offline slice")
-    e.add_argument("--windows", type=int, default=None, help="default: all complete windows")
-    e.add_argument("--seq-len", type=int, default=512)
-    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--windows", type=POSITIVE, default=None, help="default: all complete windows")
+    e.add_argument("--seq-len", type=_int_at_least(2), default=512)
+    e.add_argument("--batch-size", type=POSITIVE, default=4)
     e.add_argument("--tasks", default=None,
                    help="comma-separated zero-shot tasks (piqa,hellaswag,winogrande,boolq,"
                         "arc_easy,arc_challenge,openbookqa,lambada); perplexity then runs only "
                         "with --text-file")
-    e.add_argument("--limit", type=int, default=None,
+    e.add_argument("--limit", type=POSITIVE, default=None,
                    help="first N documents of each task (default: all)")
-    e.add_argument("--task-batch-size", type=int, default=16)
+    e.add_argument("--task-batch-size", type=POSITIVE, default=16)
 
     r = sub.add_parser("reproduce", help="the paper's table: perplexity + zero-shot accuracy "
                                          "for every method x ratio")
@@ -194,12 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
     r.add_argument("--tasks", default="arc_easy,piqa,winogrande,lambada,hellaswag",
                    help="comma-separated zero-shot tasks; '' for perplexity only")
-    r.add_argument("--limit", type=int, default=50,
+    r.add_argument("--limit", type=_int_at_least(0), default=50,
                    help="first N documents of each task; 0: full sets")
     r.add_argument("--text-file", default="../shared/data/wikitext-2-raw/wiki.test.raw")
-    r.add_argument("--windows", type=int, default=24)
-    r.add_argument("--seq-len", type=int, default=512)
-    r.add_argument("--calib-samples", type=int, default=64)
+    r.add_argument("--windows", type=POSITIVE, default=24)
+    r.add_argument("--seq-len", type=_int_at_least(2), default=512)
+    r.add_argument("--calib-samples", type=POSITIVE, default=64)
 
     i = sub.add_parser("info", help="ranks and ratio of a factored checkpoint")
     i.add_argument("dir")
@@ -211,11 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="greedy generation")
     g.add_argument("--model", default="smollm2-135m", help=model_help)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=POSITIVE, default=32)
     g.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available); "
                    "factored layers run the fused Triton kernel on CUDA, the C++ kernels on CPU")
     g.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    g.add_argument("--pad-rank", type=int, default=0, metavar="MULTIPLE",
+    g.add_argument("--pad-rank", type=_int_at_least(0), default=0, metavar="MULTIPLE",
                    help="zero-pad factor ranks to a multiple (16 aligns the kernel's loads; exact)")
     g.add_argument("--decode", default=DEFAULT_MODE, choices=list(MODES),
                    help="static: static KV cache, no autograd (default, fastest for one "
@@ -238,18 +267,46 @@ COMMANDS = {"compress": _cmd_compress, "eval": _cmd_eval, "info": _cmd_info,
             "upgrade": _cmd_upgrade}
 
 
+def _json_safe(x):
+    """x with every non-finite float as null: the output stays valid JSON (RFC 8259)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+# Errors of the user's input or environment: one line, no traceback.
+_USER_ERRORS = (ValueError, TypeError, FileExistsError, FileNotFoundError, PermissionError,
+                OSError, UsageError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    """Run one command; exit 0, or 2 on any failure (with --json: one JSON object on stdout)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in argv
+    command = next((a for a in argv if a in COMMANDS), None)
     try:
+        args = build_parser().parse_args(argv)
+        command, as_json = args.command, args.json
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
         result = COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileExistsError) as exc:
-        if args.json:
-            print(json.dumps({"error": str(exc)}))
-        print(f"pgsvd {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            message = "interrupted"
+        elif isinstance(exc, _USER_ERRORS):
+            message = str(exc)
+        else:  # a defect of ours: say what, keep the traceback on stderr
+            message = f"internal error ({type(exc).__name__}): {exc}"
+            traceback.print_exc(file=sys.stderr)
+        if as_json:
+            print(json.dumps({"error": message, "type": type(exc).__name__}))
+        print(f"pgsvd {command or ''}: error: {message}".replace("  ", " "), file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 2
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(_json_safe(result), allow_nan=False))
     elif args.command == "info":
         _print_info(result)
     elif args.command == "generate":

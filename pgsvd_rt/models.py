@@ -125,9 +125,13 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(text, "gguf", str(path.resolve()))
     if path.is_dir():
-        if (path / MANIFEST_NAME).is_file():
+        if (path / MANIFEST_NAME).exists():  # not a regular file: read_manifest says so
             return ModelSource(text, "factored", str(path.resolve()))
         if (path / "config.json").is_file():
+            if _says_pgsvd(path / "config.json"):
+                raise ValueError(
+                    f"{text!r} is a pgsvd checkpoint (config.json: quant_method 'pgsvd') whose "
+                    f"{MANIFEST_NAME} is missing: it cannot be loaded as a dense model")
             return ModelSource(text, "hf", str(path.resolve()))
         raise ValueError(
             f"model directory {text!r} has neither config.json nor {MANIFEST_NAME}: "
@@ -138,6 +142,49 @@ def resolve(spec: str | os.PathLike) -> ModelSource:
         f"unknown model {text!r}: give an embedded name ({names}), a .gguf file, "
         "a Hugging Face model directory, or a pgsvd_rt checkpoint directory"
     )
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"unreadable {str(path)!r}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(path)!r} is not a JSON object")
+    return config
+
+
+def _says_pgsvd(path: Path) -> bool:
+    q = _read_config(path).get("quantization_config")
+    return isinstance(q, dict) and q.get("quant_method") == "pgsvd"
+
+
+def _load_hf_dir(directory: Path, dtype: torch.dtype) -> nn.Module:
+    """A dense HF directory, refused unless every weight is there, of the right shape, finite,
+    and stored as safetensors (pickle files are never unpickled)."""
+    from transformers import AutoModelForCausalLM
+
+    if not any(directory.glob("*.safetensors")):
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        raise ValueError(f"{str(directory)!r} has no .safetensors weights"
+                         + (f" (only pickle files {pickles[:3]}, which are never loaded)"
+                            if pickles else ""))
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype,
+                                                           output_loading_info=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"cannot load {str(directory)!r}: {exc}") from exc
+    missing = sorted(info.get("missing_keys") or [])
+    bad = sorted(info.get("mismatched_keys") or [])
+    if missing or bad:
+        raise ValueError(f"{str(directory)!r}: weights missing {missing[:5]} or of the wrong "
+                         f"shape {[k if isinstance(k, str) else k[0] for k in bad][:5]} for "
+                         f"its {model.config.model_type} config")
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"{str(directory)!r}: weight {name!r} has "
+                             f"{int((~torch.isfinite(p)).sum())} non-finite value(s)")
+    return model
 
 
 def _save_plain(model: nn.Module, directory: Path) -> None:
@@ -209,7 +256,7 @@ def load(
 
     Factored checkpoints come back with their LowRankLinear layers (see :mod:`pgsvd_rt.io`).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     source = resolve(spec)
     if source.kind == "factored":
@@ -223,14 +270,17 @@ def load(
         directory = _gguf_cache(source)
         meta = json.loads((directory / "pgsvd_cache.json").read_text())
         source = ModelSource(source.spec, source.kind, source.path, meta["gguf_sha256"])
-    config_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    config_type = _read_config(directory / "config.json").get("model_type")
     if config_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"unsupported architecture {config_type!r} in {directory}; supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(directory)
+    model = _load_hf_dir(directory, dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot load the tokenizer of {str(directory)!r}: {exc}") from exc
     check_supported(model)
     return model.eval(), tok, source
 

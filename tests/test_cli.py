@@ -82,3 +82,87 @@ def test_console_script_prints_one_json_object(compressed):
     proc = subprocess.run([sys.executable, "-m", "pgsvd_rt.cli", "info", str(out), "--json"],
                           capture_output=True, text=True, check=True)
     assert json.loads(proc.stdout)["method"] == "pgsvd"
+
+
+# ---- the --json contract on every failure: one JSON object, exit 2, the user's value named ----
+@pytest.mark.parametrize("argv, match", [
+    (["compress", "--batch-size", "-1", "--out", "/tmp/pgsvd-never-written"],
+     "--batch-size: must be >= 1, got -1"),
+    (["eval", "--windows", "0"], "--windows: must be >= 1, got 0"),
+    (["eval", "--seq-len", "abc"], "--seq-len: must be an integer, got 'abc'"),
+    (["eval", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+    (["info", "x", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["compress"], "--out"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["compress", "--out", "/proc/self/pgsvd-ckpt"], "cannot write the output"),
+])
+def test_usage_and_environment_errors_are_json(argv, match, capsys):
+    code, res = _run_json(capsys, *argv)
+    assert code == 2 and match in res["error"], res
+
+
+def test_hf_directory_with_missing_weights_is_refused(tiny_model_dir, capsys):
+    from safetensors.torch import load_file, save_file
+
+    f = next(tiny_model_dir.glob("*.safetensors"))
+    state = load_file(str(f))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(f), metadata={"format": "pt"})
+    code, res = _run_json(capsys, "eval", "--model", str(tiny_model_dir))
+    assert code == 2 and "model.layers.1.mlp.up_proj.weight" in res["error"], res
+
+
+def test_hf_directory_with_non_finite_weight_is_refused(tiny_model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    f = next(tiny_model_dir.glob("*.safetensors"))
+    state = load_file(str(f))
+    state["model.embed_tokens.weight"][5, 3] = float("nan")
+    save_file(state, str(f), metadata={"format": "pt"})
+    for argv in (["eval", "--model", str(tiny_model_dir)],
+                 ["compress", "--model", str(tiny_model_dir), "--out", str(tmp_path / "c")]):
+        code, res = _run_json(capsys, *argv)
+        assert code == 2 and "model.embed_tokens.weight" in res["error"], res
+        assert "non-finite" in res["error"]
+    assert not (tmp_path / "c").exists()
+
+
+def test_pickle_only_directory_is_refused(tiny_model_dir, capsys):
+    for f in tiny_model_dir.glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    code, res = _run_json(capsys, "eval", "--model", str(tiny_model_dir))
+    assert code == 2 and "no .safetensors" in res["error"] and "never loaded" in res["error"]
+
+
+def test_factored_checkpoint_without_manifest_is_refused(compressed, capsys):
+    out, _ = compressed
+    (out / "pgsvd_manifest.json").unlink()
+    code, res = _run_json(capsys, "eval", "--model", str(out))
+    assert code == 2 and "pgsvd_manifest.json is missing" in res["error"], res
+    (out / "pgsvd_manifest.json").mkdir()  # not a regular file
+    code, res = _run_json(capsys, "eval", "--model", str(out))
+    assert code == 2 and "not a regular file" in res["error"], res
+
+
+def test_text_shorter_than_a_window_names_the_lengths(compressed, tmp_path, capsys):
+    out, _ = compressed
+    text = tmp_path / "short.txt"
+    text.write_text("too short")
+    code, res = _run_json(capsys, "eval", "--model", str(out), "--text-file", str(text),
+                          "--seq-len", "64")
+    assert code == 2 and "fewer than one window of seq_len 64" in res["error"], res
+
+
+def test_non_finite_results_stay_valid_json(monkeypatch, capsys):
+    monkeypatch.setitem(cli.COMMANDS, "info", lambda args: {"ppl": float("nan"), "x": [1e999]})
+    code, res = _run_json(capsys, "info", "anything")
+    assert code == 0 and res == {"ppl": None, "x": [None]}
+
+
+def test_internal_errors_are_json_too(monkeypatch, capsys):
+    def boom(args):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setitem(cli.COMMANDS, "info", boom)
+    code, res = _run_json(capsys, "info", "anything")
+    assert code == 2 and res["type"] == "ZeroDivisionError" and "internal error" in res["error"]

@@ -181,6 +181,10 @@ def compress_(
     for s in specs:
         if not isinstance(model.get_submodule(s.name), nn.Linear):
             raise ValueError(f"{s.name} is not a dense nn.Linear: the model is already compressed")
+    for name, p in model.named_parameters():  # before hours of work, naming the weight
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise ValueError(f"weight {name!r} has {int((~torch.isfinite(p)).sum())} non-finite "
+                             "value(s) (NaN/Inf): the model cannot be compressed")
     needs_grams = config.needs_grams or compare_closed_form
     if needs_grams and stats is None:
         if tokenizer is None:

@@ -41,11 +41,16 @@ def perplexity(
     """
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if windows is not None and (not isinstance(windows, int) or windows < 1):
+        raise ValueError(f"windows must be a positive int, got {windows!r}")
     available = ids.numel() // seq_len
+    if available == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seq_len "
+                         f"{seq_len}")
     if windows is None:
         windows = available
-    if not isinstance(windows, int) or windows < 1:
-        raise ValueError(f"windows must be a positive int, got {windows!r}")
     if windows > available:
         raise ValueError(f"text has {ids.numel()} tokens: only {available} windows of {seq_len}, "
                          f"asked for {windows}")
@@ -57,6 +62,9 @@ def perplexity(
         logits = model(input_ids=batch, use_cache=False).logits
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
                               reduction="sum")
+        if not math.isfinite(float(nll)):
+            raise ValueError(f"the model's loss is not finite on windows {i}-"
+                             f"{i + len(batch) - 1}: its logits overflow or are NaN")
         total_nll += float(nll)
         scored += batch[:, 1:].numel()
     mean = total_nll / scored

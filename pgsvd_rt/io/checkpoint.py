@@ -12,8 +12,9 @@ Layout::
                              and vLLM load DIR too
       generation_config.json, tokenizer files   (Hugging Face, so DIR is complete)
 
-Saving writes into a temporary sibling directory, fsyncs every file and the directory, then
-renames it into place: an interrupted save never leaves a directory that loads. Loading checks
+Saving writes into a temporary sibling directory, fsyncs it, then renames it into place or, to
+overwrite, swaps it atomically with the old one (pgsvd_rt.io.atomic): the path always holds the
+old or the new checkpoint, whole. Loading checks
 the manifest against the tensors (names, shapes, dtypes, sha256), builds the model skeleton on
 the meta device, swaps in LowRankLinear modules, and loads with ``assign=True``.
 """
@@ -24,15 +25,13 @@ import copy
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pgsvd_rt._version import __version__
-from pgsvd_rt.io import quant_config
+from pgsvd_rt.io import atomic, quant_config, validate
 from pgsvd_rt.models import MANIFEST_NAME, SUPPORTED_MODEL_TYPES, check_supported
 from pgsvd_rt.nn import LowRankLinear, replace_linear
 
@@ -55,18 +54,6 @@ def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def _fsync_tree(directory: Path) -> None:
-    for p in directory.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_factored(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -82,18 +69,15 @@ def save_factored(
         out_dir: target directory; must not exist unless ``overwrite``.
         tokenizer: saved alongside so the directory is self-contained.
         info: extra manifest fields (method, eps, ratios, base_model, calibration, config...).
-        overwrite: replace an existing directory (only after the new one is complete).
+        overwrite: replace an existing checkpoint (atomically, once the new one is whole).
 
     Returns:
         The directory path.
     """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {str(out)!r} exists; pass overwrite=True "
-                              "(CLI: --overwrite) to replace it")
     from safetensors.torch import save_file
 
     state = _state_to_save(model)
+    validate.check_finite(state, "the model to save")
     modules = {
         name: {"rank": m.rank, "in_features": m.in_features, "out_features": m.out_features,
                "bias": m.bias is not None}
@@ -106,9 +90,8 @@ def save_factored(
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
                         "sha256": tensor_sha256(v)} for k, v in state.items()},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         save_file(state, str(tmp / TENSOR_FILE), metadata={"format": "pt"})
         config = copy.deepcopy(model.config)  # the caller's model keeps its config
         config.architectures = [type(model).__name__]  # engines pick the model class by it
@@ -120,35 +103,32 @@ def save_factored(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
-        _fsync_tree(tmp)
-        if out.exists():  # overwrite: move the old one aside only once the new one is whole
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "d")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return atomic.publish(out_dir, fill, overwrite=overwrite,
+                          replaceable=lambda p: (p / MANIFEST_NAME).exists())
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest of a checkpoint directory; ValueError when missing or not ours."""
     p = Path(path) / MANIFEST_NAME
-    if not p.is_file():
+    if not p.exists():
         raise ValueError(f"{str(path)!r} is not a pgsvd_rt checkpoint: no {MANIFEST_NAME}")
+    if not p.is_file():
+        raise ValueError(f"{str(p)!r} is not a regular file")
     try:
         manifest = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"corrupted manifest {str(p)!r}: {exc}") from exc
+    except OSError as exc:
+        raise ValueError(f"cannot read {str(p)!r}: {exc.strerror or exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ValueError(f"corrupted manifest {str(p)!r}: not a JSON object")
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{str(p)!r}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{str(p)!r}: format_version {manifest.get('format_version')!r} is not "
                          f"supported (this pgsvd_rt reads {FORMAT_VERSION})")
-    return manifest
+    return validate.check_manifest(manifest, str(p))
 
 
 def _read_tensors(directory: Path, manifest: dict, verify: bool) -> dict[str, torch.Tensor]:
@@ -176,6 +156,8 @@ def _read_tensors(directory: Path, manifest: dict, verify: bool) -> dict[str, to
                              f"{meta['shape']} {meta['dtype']}")
         if verify and tensor_sha256(t) != meta["sha256"]:
             raise ValueError(f"tensor {name!r}: checksum mismatch (corrupted checkpoint)")
+    validate.check_one_float_dtype(state, str(path))
+    validate.check_finite(state, str(path))
     return state
 
 
@@ -195,7 +177,10 @@ def load_factored(
     directory = Path(path)
     manifest = read_manifest(directory)
     state = _read_tensors(directory, manifest, verify)
-    config = AutoConfig.from_pretrained(directory)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except Exception as exc:  # noqa: BLE001 - transformers' validators raise their own types
+        raise ValueError(f"checkpoint {str(directory)!r}: invalid config.json: {exc}") from exc
     if config.model_type not in (*SUPPORTED_MODEL_TYPES, "clip"):
         raise ValueError(f"checkpoint {str(directory)!r}: unsupported architecture "
                          f"{config.model_type!r}")
@@ -213,12 +198,20 @@ def load_factored(
         for key in ("u", "v") + (("bias",) if m["bias"] else ()):
             if f"{name}.{key}" not in state:
                 raise ValueError(f"manifest module {name!r} has no tensor {name}.{key}")
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError:
+            dense = None
+        if not isinstance(dense, nn.Linear):
+            raise ValueError(f"manifest module {name!r}: the {config.model_type} architecture "
+                             "has no linear layer of that name")
+        if (dense.in_features, dense.out_features) != (m["in_features"], m["out_features"]):
+            raise ValueError(f"manifest module {name!r} is {m['out_features']} x "
+                             f"{m['in_features']} but the architecture's layer is "
+                             f"{dense.out_features} x {dense.in_features}")
         skeleton[name] = LowRankLinear(m["in_features"], m["out_features"], m["rank"],
                                        bias=m["bias"], device="meta")
-    try:
-        replace_linear(model, skeleton)
-    except (KeyError, AttributeError) as exc:
-        raise ValueError(f"manifest names a module the architecture lacks: {exc}") from exc
+    replace_linear(model, skeleton)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     try:

@@ -7,6 +7,8 @@ Plain ``Library.IMPL`` + ``register_kernel`` (not ``torch.library.triton_op``, w
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pgsvd_rt.ops._library import check_lowrank_matmul_args, check_lowrank_matmul_grouped_args
@@ -17,8 +19,9 @@ _registered = False
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
-    """(..., K) -> (M, K), a view whenever the strides allow (the kernel takes any strides)."""
-    return x.reshape(-1, x.shape[-1])
+    """(..., K) -> (M, K), a view whenever the strides allow (the kernel takes any strides).
+    M from the leading dims, not -1: with K = 0 there are no elements to infer it from."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _lowrank_matmul_cuda(x, u, v, bias=None):

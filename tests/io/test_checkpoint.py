@@ -56,15 +56,17 @@ def test_manifest_contents(factored, tmp_path):
 
 def test_existing_directory_is_refused_unless_overwrite(factored, tmp_path):
     model, report = factored
-    out = tmp_path / "c"
-    out.mkdir()
-    (out / "precious.txt").write_text("keep me")
+    out = _save(model, report, tmp_path / "c")
     with pytest.raises(FileExistsError, match="overwrite"):
         _save(model, report, out)
-    assert (out / "precious.txt").read_text() == "keep me"
     _save(model, report, out, overwrite=True)
-    assert not (out / "precious.txt").exists()
     load_factored(out)
+    mine = tmp_path / "mine"  # not a checkpoint: never replaced, even with overwrite
+    mine.mkdir()
+    (mine / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        _save(model, report, mine, overwrite=True)
+    assert (mine / "precious.txt").read_text() == "keep me"
 
 
 def test_interrupted_save_leaves_nothing(factored, tmp_path, monkeypatch):
