@@ -17,8 +17,8 @@ Measured per variant:
   ``hf`` (transformers ``generate``: the plain-HF peer), ``static`` (static KV cache, inference
   mode), ``compile`` (the same with the decode step ``torch.compile``-d; its one-off compile
   time is reported, not timed), and ``vllm`` (the peer engine: vLLM on the CPU serving the same
-  directory, eager, a fresh subprocess per round through benchmarks/bench_vllm.py's worker, B
-  requests of random prompts of the same length submitted together; its own output tokens/s,
+  directory, eager, one engine per variant and batch kept alive in a subprocess
+  (benchmarks/bench_vllm.py's worker) and timed in the same rounds as the others, B requests of random prompts of the same length submitted together; its own output tokens/s,
   prefill included, engine start excluded). ``hf`` runs at batch 1 only.
 - with ``--grouped``, also every checkpoint as ``NAME+grouped``: q/k/v and gate/up fused into one
   ``lowrank_matmul_grouped`` call each (:func:`pgsvd_rt.nn.group_projections_`; x read once).
@@ -143,26 +143,28 @@ class Variant:
 
     @staticmethod
     def _vllm(a, name: str, dtype: torch.dtype, B: int):
-        """Seconds vLLM takes for B requests of a.prompt tokens, a.new_tokens each."""
+        """Seconds vLLM takes for B requests of a.prompt tokens, a.new_tokens each (an engine
+        kept alive in a worker subprocess, started at warm-up: benchmarks/bench_vllm.py)."""
         import bench_vllm
 
         def run():
-            if name == "dense" and "dense" not in a.vllm_dirs:
-                a.vllm_dirs["dense"] = bench_vllm.dense_dir(a.model, a.vllm_root)
-            cfg = argparse.Namespace(prompt=a.prompt, new_tokens=a.new_tokens,
-                                     memory=a.vllm_memory, concurrency=[B], compile=False,
-                                     out=a.out)
-            tps = bench_vllm.run_worker(cfg, a.vllm_dirs.get(name) or a.ckpt[name],
-                                        str(dtype).removeprefix("torch."))[str(B)]
-            return B * a.new_tokens / tps
+            key = (name, dtype, B)
+            if key not in a.vllm_engines:  # the warm-up call: start (and warm) the engine
+                if name == "dense" and "dense" not in a.vllm_dirs:
+                    a.vllm_dirs["dense"] = bench_vllm.dense_dir(a.model, a.vllm_root)
+                cfg = argparse.Namespace(prompt=a.prompt, new_tokens=a.new_tokens,
+                                         kv_cache_gib=a.vllm_kv_cache_gib, concurrency=[B],
+                                         compile=False, out=a.out)
+                a.vllm_engines[key] = bench_vllm.Engine(
+                    cfg, a.vllm_dirs.get(name) or a.ckpt[name], str(dtype).removeprefix("torch."))
+                return None
+            return B * a.new_tokens / a.vllm_engines[key].run(B)
         return run
 
     def warm_up(self) -> None:
-        """Untimed first calls: compilation (its time is recorded), first-touch, caches (not
-        for vLLM: every round starts a fresh engine, which warms itself up)."""
+        """Untimed first calls: compilation (its time is recorded), first-touch, caches; for
+        vLLM the engine's start and its own warm-up."""
         for key, fn in self.work.items():
-            if key[1] == "vllm":
-                continue
             t0 = time.perf_counter()
             with torch.inference_mode() if key[1] != "hf" else torch.no_grad():
                 fn()
@@ -248,9 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prefill", type=int, default=256)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--vllm-memory", type=float, default=0.25,
-                   help="vLLM gpu_memory_utilization: on the CPU the share of RAM for its weights "
-                        "and KV cache (the variants this process holds count against it too)")
+    p.add_argument("--vllm-kv-cache-gib", type=float, default=1.0,
+                   help="vLLM KV-cache size per engine")
     p.add_argument("--grouped", action="store_true",
                    help="also each checkpoint with q/k/v and gate/up grouped (NAME+grouped)")
     a = p.parse_args(argv)
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     a.ckpt = ckpts
     if "vllm" in a.modes and a.smoke:
         p.error("--smoke runs no vLLM (its tiny model is not a directory)")
-    a.vllm_dirs, a.vllm_root = {}, tempfile.mkdtemp(prefix="pgsvd-e2e-")
+    a.vllm_dirs, a.vllm_root, a.vllm_engines = {}, tempfile.mkdtemp(prefix="pgsvd-e2e-"), {}
     names = ["dense"] + (["lowrank"] if a.smoke else list(ckpts))
     names += [f"{n}+grouped" for n in names[1:] if a.grouped]
     if a.smoke:
@@ -291,6 +292,9 @@ def main(argv: list[str] | None = None) -> dict:
             for v in vs:
                 v.measure_once()
         rep["results"][dname] = [v.summary(a) for v in vs]
+        for e in a.vllm_engines.values():
+            e.close()
+        a.vllm_engines.clear()
         del vs
         torch._dynamo.reset()
         with open(stem + ".json", "w") as f:

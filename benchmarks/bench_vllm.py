@@ -6,9 +6,11 @@
 
 Variants: ``dense`` (``--model`` loaded by pgsvd_rt and written as a plain HF directory) and every
 ``--ckpt NAME=DIR`` (a factored checkpoint, served through the pgsvd quantization method, no
-extra flag). Each measurement starts a fresh engine in a subprocess (this script with
-``--worker``); per dtype the variants alternate round by round (``--rounds``), so a shared
-machine's drifting load hits all alike; the median over rounds is reported.
+extra flag). Per dtype every variant's engine is started once and kept alive in its own
+subprocess (this script with ``--worker``, warmed up at every concurrency); then the variants take
+turns, one generation each, concurrency by concurrency, round by round (``--rounds``, the order
+rotated each round), so a shared machine's drifting load hits all alike; the median over rounds
+is reported. An idle engine waits on its stdin and uses no CPU.
 
 Measured per variant and ``--concurrency`` c: c requests of ``--prompt`` random tokens, each
 generating ``--new-tokens`` greedy tokens (ignore_eos), submitted together; output tokens/s =
@@ -71,6 +73,7 @@ def dense_dir(spec: str, root: str) -> str:
 
 
 def worker(a) -> None:
+    """One engine kept alive: reads ``RUN c`` lines on stdin, answers ``BENCH {json}``."""
     cpus = os.cpu_count() or 1
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpus // a.tp)))
@@ -85,8 +88,8 @@ def worker(a) -> None:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=a.worker, dtype=a.dtype, max_model_len=a.prompt + a.new_tokens + 8,
-              tensor_parallel_size=a.tp,
-              enforce_eager=not a.compile, gpu_memory_utilization=a.memory, seed=0)
+              tensor_parallel_size=a.tp, enforce_eager=not a.compile,
+              kv_cache_memory_bytes=int(a.kv_cache_gib * 2**30), seed=0)
     sp = SamplingParams(temperature=0, max_tokens=a.new_tokens, ignore_eos=True)
     rng = random.Random(0)
 
@@ -94,31 +97,59 @@ def worker(a) -> None:
         return [{"prompt_token_ids": [rng.randrange(100, 20000) for _ in range(a.prompt)]}
                 for _ in range(c)]
 
-    llm.generate(prompts(2), sp, use_tqdm=False)  # warm-up
-    out = {}
-    for c in a.concurrency:
-        ps = prompts(c)
+    for c in a.concurrency:  # warm-up: every batch shape once
+        llm.generate(prompts(c), sp, use_tqdm=False)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if not line.startswith("RUN "):
+            break
+        c = int(line.split()[1])
         t0 = time.perf_counter()
-        res = llm.generate(ps, sp, use_tqdm=False)
+        res = llm.generate(prompts(c), sp, use_tqdm=False)
         wall = time.perf_counter() - t0
-        out[str(c)] = sum(len(r.outputs[0].token_ids) for r in res) / wall
-    print("BENCH " + json.dumps(out), flush=True)
+        tok = sum(len(r.outputs[0].token_ids) for r in res)
+        print("BENCH " + json.dumps({"c": c, "tok_s": tok / wall}), flush=True)
 
 
-def run_worker(a, directory: str, dtype: str, tp_reduce: str = "output") -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", directory, "--dtype", dtype,
-           "--prompt", str(a.prompt), "--new-tokens", str(a.new_tokens), "--memory",
-           str(a.memory), "--concurrency", *map(str, a.concurrency), "--out", a.out,
-           "--tp", str(getattr(a, "tp", 1))]
-    if a.compile:
-        cmd.append("--compile")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PGSVD_VLLM_TP_REDUCE"] = tp_reduce
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    if p.returncode != 0:
-        raise RuntimeError(f"vLLM worker failed on {directory} {dtype}:\n{p.stderr[-3000:]}")
-    line = [x for x in p.stdout.splitlines() if x.startswith("BENCH ")][-1]
-    return json.loads(line.removeprefix("BENCH "))
+class Engine:
+    """A worker subprocess holding one engine (``worker``); ``run(c)`` times one generation."""
+
+    def __init__(self, a, directory: str, dtype: str, tp_reduce: str = "output") -> None:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", directory, "--dtype", dtype,
+               "--prompt", str(a.prompt), "--new-tokens", str(a.new_tokens), "--kv-cache-gib",
+               str(a.kv_cache_gib), "--concurrency", *map(str, a.concurrency), "--out", a.out,
+               "--tp", str(getattr(a, "tp", 1))]
+        if a.compile:
+            cmd.append("--compile")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PGSVD_VLLM_TP_REDUCE"] = tp_reduce
+        self.what = f"{directory} {dtype}"
+        self.err = tempfile.TemporaryFile(mode="w+")
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self.err, text=True, env=env)
+        self._read("READY")
+
+    def _read(self, tag: str) -> str:
+        for line in self.p.stdout:
+            if line.startswith(tag):
+                return line[len(tag):].strip()
+        self.err.seek(0)
+        raise RuntimeError(f"vLLM worker failed on {self.what}:\n{self.err.read()[-3000:]}")
+
+    def run(self, c: int) -> float:
+        self.p.stdin.write(f"RUN {c}\n")
+        self.p.stdin.flush()
+        return json.loads(self._read("BENCH "))["tok_s"]
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            self.p.stdin.close()
+            try:
+                self.p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.err.close()
 
 
 def to_markdown(rep: dict) -> str:
@@ -127,7 +158,7 @@ def to_markdown(rep: dict) -> str:
              f"vLLM {m['vllm']}, {'compiled' if m['compile'] else 'eager'}, "
              f"tensor parallel {m.get('tp', 1)}, prompt {m['prompt']} "
              f"tokens, {m['new_tokens']} new tokens per request, median of {m['rounds']} rounds "
-             "(fresh engine each, variants alternating). Command: `python benchmarks/"
+             "(engines kept alive, variants taking turns). Command: `python benchmarks/"
              "bench_vllm.py` (see its header). tok/s = output tokens/s over all requests.", ""]
     for dtype, rows in rep["results"].items():
         cs = m["concurrency"]
@@ -159,8 +190,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--memory", type=float, default=0.25,
-                   help="vLLM gpu_memory_utilization (on the CPU: the KV-cache share of RAM)")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0,
+                   help="vLLM KV-cache size per engine (kv_cache_memory_bytes)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--tp-reduce", choices=["output", "rank", "both"], default="output",
@@ -196,16 +227,26 @@ def main(argv: list[str] | None = None) -> dict | None:
         if a.tp_reduce == "both":
             dirs |= {f"{n}@rank": (d, "rank") for n, d in ckpts.items()}
         for dtype in a.dtypes:
-            runs = {n: [] for n in dirs}
-            for r in range(a.rounds):
+            runs = {n: {str(c): [] for c in a.concurrency} for n in dirs}
+            engines = {}
+            try:
                 for n, (d, red) in dirs.items():
-                    log.info("%s round %d: %s", dtype, r + 1, n)
-                    runs[n].append(run_worker(a, d, dtype, red))
+                    log.info("%s: starting %s", dtype, n)
+                    engines[n] = Engine(a, d, dtype, red)
+                names = list(dirs)
+                for r in range(a.rounds):
+                    for c in a.concurrency:
+                        for n in names[r % len(names):] + names[:r % len(names)]:
+                            runs[n][str(c)].append(engines[n].run(c))
+                    log.info("%s round %d: %s", dtype, r + 1, {
+                        n: {c: round(x[-1], 1) for c, x in runs[n].items()} for n in names})
+            finally:
+                for e in engines.values():
+                    e.close()
             rep["results"][dtype] = [
                 {"name": n, "dir": d, "tp_reduce": red,
                  "bytes_per_token": bytes_per_token(d, dtype),
-                 "tok_s": {str(c): statistics.median(x[str(c)] for x in runs[n])
-                           for c in a.concurrency},
+                 "tok_s": {c: statistics.median(x) for c, x in runs[n].items()},
                  "rounds": runs[n]} for n, (d, red) in dirs.items()]
             with open(stem + ".json", "w") as f:
                 json.dump(rep, f, indent=1)
