@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
-from pgsvd_rt.io import quant_config
+from pgsvd_rt.io import quant_config, validate
 from pgsvd_rt.nn import LowRankLinear, replace_linear
 
 log = logging.getLogger("pgsvd_rt")
@@ -90,6 +90,8 @@ def register() -> bool:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
+            where = str(getattr(model.config, "_name_or_path", "") or "checkpoint")
+            validate.check_finite(dict(model.named_parameters()), where)
             return model
 
         def is_serializable(self, safe_serialization=None):

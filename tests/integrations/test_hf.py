@@ -55,3 +55,15 @@ def test_older_checkpoints_are_stamped_in_place(tiny_ckpts, tmp_path):
     ids = random_ids(1, 9, seed=2)
     with torch.no_grad():
         assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+
+def test_from_pretrained_refuses_non_finite_factors(tiny_ckpts, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = shutil.copytree(tiny_ckpts["llama"], tmp_path / "bad")
+    state = load_file(str(bad / "model.safetensors"))
+    name = sorted(k for k in state if k.endswith(".v"))[0]
+    state[name][0, 0] = float("inf")
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{name[:-2]}.*non-finite"):
+        AutoModelForCausalLM.from_pretrained(bad)
