@@ -180,10 +180,9 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype) -> nn.Module:
         raise ValueError(f"{str(directory)!r}: weights missing {missing[:5]} or of the wrong "
                          f"shape {[k if isinstance(k, str) else k[0] for k in bad][:5]} for "
                          f"its {model.config.model_type} config")
-    for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            raise ValueError(f"{str(directory)!r}: weight {name!r} has "
-                             f"{int((~torch.isfinite(p)).sum())} non-finite value(s)")
+    from pgsvd_rt.io.validate import check_finite  # lazy: pgsvd_rt.io imports this module
+
+    check_finite(dict(model.named_parameters()), str(directory))
     return model
 
 

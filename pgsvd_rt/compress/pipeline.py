@@ -16,6 +16,7 @@ from pgsvd_rt.compress import ranks as rk
 from pgsvd_rt.compress import solvers
 from pgsvd_rt.compress.calibration import InputStats, collect_stats
 from pgsvd_rt.config import CalibConfig, CompressConfig
+from pgsvd_rt.io.validate import check_finite
 from pgsvd_rt.models import LinearSpec, linear_specs
 from pgsvd_rt.nn import LowRankLinear, replace_linear
 
@@ -181,10 +182,8 @@ def compress_(
     for s in specs:
         if not isinstance(model.get_submodule(s.name), nn.Linear):
             raise ValueError(f"{s.name} is not a dense nn.Linear: the model is already compressed")
-    for name, p in model.named_parameters():  # before hours of work, naming the weight
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise ValueError(f"weight {name!r} has {int((~torch.isfinite(p)).sum())} non-finite "
-                             "value(s) (NaN/Inf): the model cannot be compressed")
+    # Before hours of work, naming the weight.
+    check_finite(dict(model.named_parameters()), "the model to compress")
     needs_grams = config.needs_grams or compare_closed_form
     if needs_grams and stats is None:
         if tokenizer is None:
