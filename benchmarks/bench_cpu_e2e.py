@@ -18,8 +18,9 @@ Measured per variant:
   mode), ``compile`` (the same with the decode step ``torch.compile``-d; its one-off compile
   time is reported, not timed), and ``vllm`` (the peer engine: vLLM on the CPU serving the same
   directory, eager, one engine per variant and batch kept alive in a subprocess
-  (benchmarks/bench_vllm.py's worker) and timed in the same rounds as the others, B requests of random prompts of the same length submitted together; its own output tokens/s,
-  prefill included, engine start excluded). ``hf`` runs at batch 1 only.
+  (benchmarks/bench_vllm.py's worker) and timed in the same rounds as the others, B requests of
+  random prompts of the same length submitted together; its own output tokens/s, prefill included,
+  engine start excluded). ``hf`` runs at batch 1 only.
 - with ``--grouped``, also every checkpoint as ``NAME+grouped``: q/k/v and gate/up fused into one
   ``lowrank_matmul_grouped`` call each (:func:`pgsvd_rt.nn.group_projections_`; x read once).
 - prefill latency of one ``--prefill``-token prompt (``logits_to_keep=1``, no cache).

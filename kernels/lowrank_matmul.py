@@ -38,11 +38,12 @@ last program to exit, so it is zero again for the next launch on the same stream
 launch. A launch that raises (an interrupted interpreter run, a launch error) may leave it
 non-zero, so the launcher drops that buffer and the next launch takes a fresh zeroed one: an
 aborted launch can never make a later one spin (a CUDA fault that kills programs part-way
-poisons the whole context anyway, so no later launch runs on it). Buffers are cached per (device, stream); during CUDA-graph capture a fresh zeroed buffer
-is taken from the graph's pool (a memset node inside the graph, no extra CPU launch at replay).
-Limits: replaying one captured graph concurrently on two streams is unsupported; autotuning
-runs on the first call per (M bucket, K, N, R, dtype), so warm up before CUDA-graph capture.
-Allocations per call: y (one per group) and the fp32 workspace ``t_ws`` via ``torch.empty``.
+poisons the whole context anyway, so no later launch runs on it). Buffers are cached per (device,
+stream); during CUDA-graph capture a fresh zeroed buffer is taken from the graph's pool (a memset
+node inside the graph, no extra CPU launch at replay). Limits: replaying one captured graph
+concurrently on two streams is unsupported; autotuning runs on the first call per (M bucket, K, N,
+R, dtype), so warm up before CUDA-graph capture. Allocations per call: y (one per group) and the
+fp32 workspace ``t_ws`` via ``torch.empty``.
 
 Memory traffic and work (ideal, ``elem`` bytes per element):
     bytes = (M*K + K*R + N*R + M*N [+ N for bias]) * elem

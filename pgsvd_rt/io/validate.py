@@ -47,8 +47,8 @@ def check_manifest(manifest, where: str) -> dict:
         shape = t.get("shape")
         _need(isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape), w,
               "'shape' must be a list of ints >= 0", shape)
-        _need(isinstance(t.get("dtype"), str) and t["dtype"] in _DTYPES, w, f"'dtype' must be one of {sorted(_DTYPES)}",
-              t.get("dtype"))
+        _need(isinstance(t.get("dtype"), str) and t["dtype"] in _DTYPES, w,
+              f"'dtype' must be one of {sorted(_DTYPES)}", t.get("dtype"))
         sha = t.get("sha256")
         _need(isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None, w,
               "'sha256' must be 64 hex digits", sha)

@@ -181,7 +181,8 @@ def test_overwrite_refuses_a_directory_that_is_not_a_checkpoint(old_ckpt, tmp_pa
     assert json.loads((tmp_path / "empty" / "pgsvd_manifest.json").read_text())
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere (the next test needs no permissions)")
+@pytest.mark.skipif(os.geteuid() == 0,
+                    reason="root may write anywhere (the next test needs no permissions)")
 def test_unwritable_parent_is_found_first(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
