@@ -192,7 +192,7 @@ def publish(out: str | os.PathLike, fill: Callable[[Path], None], *, overwrite: 
         if not out.exists():
             os.rename(tmp, out)
         elif exchange(tmp, out):  # out: the new directory; tmp: the old one
-            fsync_dir(out.parent)
+            fsync_dir(out.parent)  # the swap durable before the old one's data goes
             _remove(tmp)
         else:
             old = Path(tempfile.mkdtemp(prefix=_prefix(out, "old"), dir=out.parent)) / "d"
