@@ -16,6 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
+from pgsvd_rt.data import BOS_MODES
 from pgsvd_rt.device import DTYPES
 from pgsvd_rt.generation import DEFAULT_MODE, MODES
 
@@ -65,8 +66,9 @@ def _cmd_eval(args) -> dict:
             return out
     ids, where = data.eval_ids(tokenizer, args.text_file)
     result = perplexity(model, ids, seq_len=args.seq_len, windows=args.windows,
-                        batch_size=args.batch_size, progress=not args.json)
-    return out | {"text": where, **result}
+                        batch_size=args.batch_size, progress=not args.json,
+                        bos_id=data.bos_id(tokenizer, args.bos))
+    return out | {"text": where, "bos_mode": args.bos, **result}
 
 
 def _cmd_reproduce(args) -> dict:
@@ -206,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=POSITIVE, default=None, help="default: all complete windows")
     e.add_argument("--seq-len", type=_int_at_least(2), default=512)
     e.add_argument("--batch-size", type=POSITIVE, default=4)
+    e.add_argument("--bos", choices=BOS_MODES, default="auto",
+                   help="start each window with BOS: auto = the tokenizer's convention "
+                        "(default), always, never")
     e.add_argument("--tasks", default=None,
                    help="comma-separated zero-shot tasks (piqa,hellaswag,winogrande,boolq,"
                         "arc_easy,arc_challenge,openbookqa,lambada); perplexity then runs only "

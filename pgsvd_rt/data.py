@@ -84,20 +84,64 @@ def tokenize_stream(tokenizer, texts: list[str], min_tokens: int | None = None) 
         chunk = texts[: min(len(texts), 2 * len(chunk))]
 
 
-def calibration_ids(tokenizer, samples: int, seq_len: int) -> torch.Tensor:
-    """(samples, seq_len) int64: consecutive non-overlapping windows of the calibration pool.
+BOS_MODES = ("auto", "always", "never")
+
+
+def bos_id(tokenizer, mode: str = "auto") -> int | None:
+    """The token every calibration sequence and perplexity window starts with, or None.
+
+    ``auto`` follows the tokenizer's own convention: BOS when encoding a text with special
+    tokens puts ``bos_token_id`` first (Llama-3, Gemma, Mistral), none otherwise (SmolLM2, Qwen,
+    whose numbers are thus unchanged). A BOS-trained model scored without its BOS can read
+    several times its perplexity. ``always`` / ``never`` force it (``always`` needs a BOS token).
+    """
+    if mode not in BOS_MODES:
+        raise ValueError(f"bos mode must be one of {', '.join(BOS_MODES)}, got {mode!r}")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if mode == "never":
+        return None
+    if mode == "always":
+        if bos is None:
+            raise ValueError(f"bos 'always': the tokenizer {type(tokenizer).__name__} has no "
+                             "BOS token")
+        return int(bos)
+    if bos is None:
+        return None
+    first = tokenizer("a", add_special_tokens=True)["input_ids"][:1]
+    return int(bos) if first == [bos] else None
+
+
+def windows_with_bos(ids: torch.Tensor, count: int, seq_len: int,
+                     bos: int | None) -> torch.Tensor:
+    """(count, seq_len) consecutive windows of the stream ``ids``; with ``bos``, each window is
+    BOS followed by ``seq_len - 1`` stream tokens. The caller checks the stream is long enough
+    (:func:`tokens_needed`)."""
+    if bos is None:
+        return ids[: count * seq_len].view(count, seq_len)
+    body = ids[: count * (seq_len - 1)].view(count, seq_len - 1)
+    return torch.cat([torch.full((count, 1), bos, dtype=ids.dtype), body], dim=1)
+
+
+def tokens_needed(count: int, seq_len: int, bos: int | None) -> int:
+    return count * (seq_len - (bos is not None))
+
+
+def calibration_ids(tokenizer, samples: int, seq_len: int, bos: str = "auto") -> torch.Tensor:
+    """(samples, seq_len) int64: consecutive non-overlapping windows of the calibration pool,
+    each starting with BOS where the tokenizer's convention (``bos``, see :func:`bos_id`) says so.
 
     Raises:
-        ValueError: the pool holds fewer than ``samples * seq_len`` tokens.
+        ValueError: the pool holds fewer tokens than the windows need.
     """
-    need = samples * seq_len
+    first = bos_id(tokenizer, bos)
+    need = tokens_needed(samples, seq_len, first)
     ids = tokenize_stream(tokenizer, wiki_split("calib"), min_tokens=need)
     if ids.numel() < need:
         raise ValueError(
             f"calibration needs {samples} x {seq_len} = {need} tokens but the wiki-offline "
             f"calibration pool has only {ids.numel()}; lower samples or seq_len"
         )
-    return ids[:need].view(samples, seq_len)
+    return windows_with_bos(ids, samples, seq_len, first)
 
 
 def read_text_file(path: str | Path) -> str:

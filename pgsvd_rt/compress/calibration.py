@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pgsvd_rt.models import LinearSpec, decoder_layers
+from pgsvd_rt.arch import LinearSpec, backbone_forward, decoder_layers
 
 log = logging.getLogger("pgsvd_rt")
 
@@ -59,8 +59,8 @@ def collect_stats(
     """Accumulate :class:`InputStats` for every ``input_key`` of ``specs``.
 
     Args:
-        model: the dense (uncompressed) causal LM, LLaMA layout.
-        specs: compressible linears, from :func:`pgsvd_rt.models.linear_specs`.
+        model: the dense (uncompressed) decoder-only causal LM (pgsvd_rt.arch).
+        specs: compressible linears, from :func:`pgsvd_rt.arch.linear_specs`.
         input_ids: (S, L) int64 calibration sequences.
         attention_mask: (S, L) 0/1, or None (no padding).
         batch_size: sequences per forward.
@@ -138,13 +138,12 @@ def collect_stats(
 
 @torch.no_grad()
 def _run_backbone(model, input_ids, attention_mask, batch_size, device, state, bar) -> None:
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     for i in range(0, input_ids.shape[0], batch_size):
         ids = input_ids[i : i + batch_size].to(device)
         mask = None if attention_mask is None else attention_mask[i : i + batch_size].to(device)
         state["mask"] = None if mask is None else mask.reshape(-1).bool()
         try:
-            backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+            backbone_forward(model, ids, mask)
         except _StopForward:
             pass
         finally:

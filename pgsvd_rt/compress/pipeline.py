@@ -17,7 +17,7 @@ from pgsvd_rt.compress import solvers
 from pgsvd_rt.compress.calibration import InputStats, collect_stats
 from pgsvd_rt.config import CalibConfig, CompressConfig
 from pgsvd_rt.io.validate import check_finite
-from pgsvd_rt.models import LinearSpec, linear_specs
+from pgsvd_rt.arch import LinearSpec, linear_specs
 from pgsvd_rt.nn import LowRankLinear, replace_linear
 
 log = logging.getLogger("pgsvd_rt")
@@ -89,6 +89,7 @@ def calibrate(
                   f"(Wikipedia lead sections, CC BY-SA; sorted titles, first "
                   f"{data.CALIB_FRACTION:.0%} as calibration pool)",
         "samples": calib.samples, "seq_len": calib.seq_len, "tokens": int(ids.numel()),
+        "bos": data.bos_id(tokenizer) is not None,  # every sequence starts with BOS
     }
     return stats, provenance
 
@@ -165,7 +166,7 @@ def compress_(
     """Replace every attention/MLP linear of ``model`` by a :class:`LowRankLinear`, in place.
 
     Args:
-        model: a dense LLaMA-layout causal LM (fp32 recommended for calibration).
+        model: a dense decoder-only causal LM (fp32 recommended for calibration).
         config: method, target ratio or ε, solver settings.
         tokenizer: needed to build the default calibration set when ``stats`` is None.
         stats: precomputed calibration statistics (reuse them across methods).

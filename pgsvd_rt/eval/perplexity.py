@@ -3,6 +3,11 @@
 Window i holds tokens ``[i L, (i + 1) L)``; every token but the first of a window is scored, so
 ``windows × (L − 1)`` tokens are scored in all (reported). This is the usual protocol of the
 compression papers (stride = window length, no overlap).
+
+For a model whose tokenizer adds BOS (``bos_id``, from :func:`pgsvd_rt.data.bos_id`), each
+window is BOS followed by ``L − 1`` stream tokens, all of them scored: still ``L − 1`` scored
+tokens per window, each window read as the model was trained to read a document. The result
+records the convention (``bos``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from pgsvd_rt.data import tokens_needed, windows_with_bos
+
 
 @torch.no_grad()
 def perplexity(
@@ -23,6 +30,7 @@ def perplexity(
     windows: int | None = None,
     batch_size: int = 4,
     progress: bool = False,
+    bos_id: int | None = None,
 ) -> dict:
     """Perplexity of ``model`` on ``ids``.
 
@@ -32,9 +40,10 @@ def perplexity(
         seq_len: window length L (>= 2).
         windows: number of windows (None: all complete windows).
         batch_size: windows per forward.
+        bos_id: start every window with this token (None: plain windows).
 
     Returns:
-        {"ppl", "nll" (mean per token), "tokens_scored", "windows", "seq_len"}.
+        {"ppl", "nll" (mean per token), "tokens_scored", "windows", "seq_len", "bos"}.
 
     Raises:
         ValueError: bad seq_len/windows, or a stream shorter than the windows asked for.
@@ -45,7 +54,7 @@ def perplexity(
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if windows is not None and (not isinstance(windows, int) or windows < 1):
         raise ValueError(f"windows must be a positive int, got {windows!r}")
-    available = ids.numel() // seq_len
+    available = ids.numel() // tokens_needed(1, seq_len, bos_id)
     if available == 0:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seq_len "
                          f"{seq_len}")
@@ -55,7 +64,7 @@ def perplexity(
         raise ValueError(f"text has {ids.numel()} tokens: only {available} windows of {seq_len}, "
                          f"asked for {windows}")
     device = next(model.parameters()).device
-    chunks = ids[: windows * seq_len].view(windows, seq_len)
+    chunks = windows_with_bos(ids, windows, seq_len, bos_id)
     total_nll, scored = 0.0, 0
     for i in tqdm(range(0, windows, batch_size), desc="perplexity", disable=not progress):
         batch = chunks[i : i + batch_size].to(device)
@@ -69,4 +78,4 @@ def perplexity(
         scored += batch[:, 1:].numel()
     mean = total_nll / scored
     return {"ppl": math.exp(mean), "nll": mean, "tokens_scored": scored, "windows": windows,
-            "seq_len": seq_len}
+            "seq_len": seq_len, "bos": bos_id is not None}

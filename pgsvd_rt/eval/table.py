@@ -16,6 +16,7 @@ import time
 import torch
 from torch import nn
 
+from pgsvd_rt import data
 from pgsvd_rt.compress import calibrate, compress_
 from pgsvd_rt.config import CalibConfig, CompressConfig
 from pgsvd_rt.eval.perplexity import perplexity
@@ -65,8 +66,10 @@ def quality_table(
     stats, provenance = calibrate(dense, tokenizer, calib, progress)
     calib_s = time.perf_counter() - t0
 
+    bos = data.bos_id(tokenizer)
+
     def score(model):
-        return {name: perplexity(model, ids, seq_len, windows)["ppl"]
+        return {name: perplexity(model, ids, seq_len, windows, bos_id=bos)["ppl"]
                 for name, ids in texts.items()}
 
     def zeroshot(model) -> dict:
@@ -100,7 +103,8 @@ def quality_table(
             log.info("%s @ %.0f%%: %s", method, 100 * ratio, row["ppl"])
             del model
     return {"calibration": provenance | {"wall_s": calib_s}, "windows": windows,
-            "seq_len": seq_len, "rows": rows, "tasks": list(tasks or []), "task_limit": task_limit}
+            "seq_len": seq_len, "bos": bos is not None, "rows": rows,
+            "tasks": list(tasks or []), "task_limit": task_limit}
 
 
 def render_markdown(result: dict) -> str:
@@ -195,7 +199,7 @@ def reproduce(
     import json
     from pathlib import Path
 
-    from pgsvd_rt import data, models
+    from pgsvd_rt import models
     from pgsvd_rt.device import device_name
     from pgsvd_rt.eval.zeroshot import DEFAULT_TASKS
 
@@ -229,7 +233,8 @@ def reproduce(
               "prompts and scoring, `pgsvd_rt.eval.zeroshot`)") if tasks else ""
     md = (f"# Accuracy table, {result['model']}\n\n{result['device']}, {date}. Calibration "
           f"{calib.samples} x {calib.seq_len} wiki-offline tokens; perplexity "
-          f"({', '.join(texts)}) over {windows} x {seq_len}-token windows{zs_txt}.\n\n"
+          f"({', '.join(texts)}) over {windows} x {seq_len}-token windows"
+          f"{' (each starting with BOS)' if result['bos'] else ''}{zs_txt}.\n\n"
           + render_markdown(result)
           + (f"\n![perplexity vs compression]({stem}-ppl.png)\n" if plotted else "")
           + f"\nTotal wall time {result['wall_s']:.0f} s. Command: `{command}`\n")

@@ -31,7 +31,8 @@ Tensor parallelism (bytes read per rank, TP = t, dense W is N x K):
 
 Errors are raised at load time, naming the module: ranks that disagree with the tensors
 (checked against the safetensors header before any weight loads), a missing tensor, a merged
-layer whose shards cannot be told apart, an architecture outside ``SUPPORTED_ARCHITECTURES``.
+layer whose shards cannot be told apart (a projection fused on disk, like Phi-3's qkv_proj, that
+vLLM splits), a model compression would refuse (:func:`pgsvd_rt.arch.check_model_config`).
 """
 
 from __future__ import annotations
@@ -53,10 +54,9 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 from pgsvd_rt import ops
+from pgsvd_rt.arch import check_model_config
 from pgsvd_rt.io import quant_config
 
-# The families whose vLLM models the tests load (tests/integrations/test_vllm.py).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 TP_REDUCE_ENV = "PGSVD_VLLM_TP_REDUCE"
 _QKV_INDEX = {"q": 0, "k": 1, "v": 2}
 
@@ -103,12 +103,11 @@ class PGSVDvLLMConfig(QuantizationConfig):
         self.ranks = renamed
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
-        """Refuse, before any weight loads, an architecture we do not serve or ranks that
-        disagree with the tensors (read from the safetensors header)."""
-        archs = list(getattr(hf_config, "architectures", None) or [])
-        if hf_config is not None and not set(archs) & set(SUPPORTED_ARCHITECTURES):
-            raise ValueError(f"pgsvd: checkpoint {model_name!r} has architecture {archs}; the "
-                             f"vLLM integration serves {list(SUPPORTED_ARCHITECTURES)}")
+        """Refuse, before any weight loads, what compression refuses too (pgsvd_rt.arch: not
+        a dense decoder-only causal LM) and ranks that disagree with the tensors (read from the
+        safetensors header)."""
+        if hf_config is not None:
+            check_model_config(hf_config, f"pgsvd: checkpoint {model_name!r}")
         if Path(model_name).is_dir():
             quant_config.check_tensors(self.ranks, quant_config.read_header(model_name),
                                        model_name)
@@ -144,7 +143,8 @@ class PGSVDLinearMethod(LinearMethodBase):
         if len(output_partition_sizes) != len(self.names):
             raise ValueError(
                 f"pgsvd: layer {layer.prefix!r} holds {len(output_partition_sizes)} projections "
-                f"but its checkpoint names {self.names} (fused on disk?): not supported")
+                f"but its checkpoint names {self.names}: a projection fused on disk (like Phi-3's "
+                "qkv_proj) is served by load_factored and from_pretrained, not by vLLM")
         K, n_loc = input_size_per_partition, list(output_partition_sizes)
         layer.pgsvd_row_parallel = isinstance(layer, RowParallelLinear)
         layer.pgsvd_n_local = n_loc

@@ -32,7 +32,8 @@ from torch import nn
 
 from pgsvd_rt._version import __version__
 from pgsvd_rt.io import atomic, quant_config, validate
-from pgsvd_rt.models import MANIFEST_NAME, SUPPORTED_MODEL_TYPES, check_supported
+from pgsvd_rt.arch import block_linears, check_config
+from pgsvd_rt.models import MANIFEST_NAME
 from pgsvd_rt.nn import LowRankLinear, replace_linear
 
 FORMAT = "pgsvd_rt.factored"
@@ -181,9 +182,8 @@ def load_factored(
         config = AutoConfig.from_pretrained(directory)
     except Exception as exc:  # noqa: BLE001 - transformers' validators raise their own types
         raise ValueError(f"checkpoint {str(directory)!r}: invalid config.json: {exc}") from exc
-    if config.model_type not in (*SUPPORTED_MODEL_TYPES, "clip"):
-        raise ValueError(f"checkpoint {str(directory)!r}: unsupported architecture "
-                         f"{config.model_type!r}")
+    if config.model_type != "clip":
+        check_config(config, f"checkpoint {str(directory)!r}")
     with init_empty_weights():  # parameters on meta; buffers (rotary) are built for real
         if config.model_type == "clip":  # two-tower VLM (pgsvd_rt.compress.vlm)
             from transformers import CLIPModel
@@ -191,8 +191,9 @@ def load_factored(
             model = CLIPModel(config)
         else:
             model = AutoModelForCausalLM.from_config(config)
-    if config.model_type != "clip":
-        check_supported(model)
+    # The rule compression follows (pgsvd_rt.arch): only linears inside decoder blocks.
+    linears = (None if config.model_type == "clip"
+               else {name: mod for name, _, _, mod in block_linears(model)})
     skeleton = {}
     for name, m in manifest["modules"].items():
         for key in ("u", "v") + (("bias",) if m["bias"] else ()):
@@ -202,9 +203,9 @@ def load_factored(
             dense = model.get_submodule(name)
         except AttributeError:
             dense = None
-        if not isinstance(dense, nn.Linear):
+        if not isinstance(dense, nn.Linear) or (linears is not None and name not in linears):
             raise ValueError(f"manifest module {name!r}: the {config.model_type} architecture "
-                             "has no linear layer of that name")
+                             "has no linear layer of that name inside its decoder blocks")
         if (dense.in_features, dense.out_features) != (m["in_features"], m["out_features"]):
             raise ValueError(f"manifest module {name!r} is {m['out_features']} x "
                              f"{m['in_features']} but the architecture's layer is "

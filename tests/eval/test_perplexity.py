@@ -34,3 +34,21 @@ def test_all_windows_by_default(llama):
 def test_bad_arguments(llama, kw, match):
     with pytest.raises(ValueError, match=match):
         perplexity(llama, torch.zeros(50, dtype=torch.long), **{"seq_len": 16, **kw})
+
+
+def test_bos_windows_match_manual_cross_entropy(llama):
+    """With a BOS, window i is BOS + stream tokens [15 i, 15 (i + 1)), all 15 of them scored."""
+    ids = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(0))
+    out = perplexity(llama, ids, seq_len=16, windows=5, batch_size=2, bos_id=257)
+    assert out["tokens_scored"] == 5 * 15 and out["bos"] is True
+    nll = []
+    with torch.no_grad():
+        for w in ids[:75].view(5, 15):
+            w = torch.cat([torch.tensor([257]), w])
+            logits = llama(w[None]).logits[0, :-1]
+            nll.append(F.cross_entropy(logits, w[1:], reduction="sum"))
+    assert math.isclose(out["nll"], float(sum(nll)) / 75, rel_tol=1e-5)
+    assert perplexity(llama, ids, seq_len=16, windows=5)["bos"] is False
+    # 50 tokens hold 3 plain windows of 16 but 3 BOS windows of 15 + 1 as well; 44 hold 2.
+    with pytest.raises(ValueError, match="only 2 windows"):
+        perplexity(llama, ids[:44], seq_len=16, windows=3, bos_id=257)

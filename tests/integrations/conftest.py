@@ -16,7 +16,10 @@ from tests.conftest import random_ids, tiny_model, tiny_tokenizer
 
 # vLLM's CPU attention needs head_dim in {32, 64, ...}: 128 / 4 heads; GQA 4 / 2.
 VLLM_TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512)
+                 num_key_value_heads=2, max_position_embeddings=512, head_dim=32)
+#: Families vLLM serves (tests/integrations/test_vllm.py), each with its own features
+#: (tests/conftest.py FAMILY_CONFIG).
+VLLM_FAMILIES = ("llama", "qwen2", "mistral", "llama3", "qwen3", "gemma3_text", "olmo2")
 # Kept dense after compression so that merged layers mix dense and factored projections.
 DENSE = ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.up_proj")
 
@@ -43,8 +46,7 @@ def factored_tiny(model_type: str, path, seed: int = 0, dense=DENSE):
 @pytest.fixture(scope="session")
 def tiny_ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-ckpts")
-    return {t: factored_tiny(t, root / t, seed=i) for i, t in enumerate(("llama", "qwen2",
-                                                                          "mistral"))}
+    return {t: factored_tiny(t, root / t, seed=i) for i, t in enumerate(VLLM_FAMILIES)}
 
 
 @pytest.fixture(scope="session")

