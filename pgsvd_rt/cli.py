@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from pgsvd_rt.data import BOS_MODES
-from pgsvd_rt.device import DTYPES
+from pgsvd_rt.device import DTYPES, resolve_device
 from pgsvd_rt.generation import DEFAULT_MODE, MODES
 
 log = logging.getLogger("pgsvd_rt")
@@ -39,11 +39,13 @@ def _cmd_compress(args) -> dict:
     if Path(args.out).exists() and not args.overwrite:  # fail before the long work
         raise FileExistsError(f"output directory {args.out!r} exists; pass --overwrite")
     check_writable(args.out)
+    device = resolve_device(args.device)  # a bad device is named before the long work
     t0 = time.perf_counter()
     model, tokenizer, source = models.load(args.model)
     if source.kind == "factored":
         raise ValueError(f"{args.model!r} is already a factored checkpoint; compress a dense model")
-    report = compress_(model, config, tokenizer=tokenizer, progress=not args.json)
+    report = compress_(model, config, tokenizer=tokenizer, progress=not args.json,
+                       device=device)
     out = save_factored(model, args.out, tokenizer=tokenizer,
                         info=report.manifest_info(source, config), overwrite=args.overwrite)
     return report.summary() | {"out": str(out), "base_model": source.describe(),
@@ -198,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--blocks-per-pass", type=POSITIVE, default=None,
                    help="bound calibration memory: Grams of this many blocks at a time")
     c.add_argument("--als-iters", type=POSITIVE, default=10)
+    c.add_argument("--device", default="auto",
+                   help="where calibration, spectra and ALS run: auto (cuda when present), cpu, "
+                        "cuda, cuda:N")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
 

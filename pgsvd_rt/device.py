@@ -25,3 +25,25 @@ def device_name(device: str | None = None) -> str:
     except Exception:  # no lscpu, or no model line: keep the platform's word
         pass
     return f"CPU: {model}, {torch.get_num_threads()} torch threads ({os.cpu_count()} logical cpus)"
+
+
+def resolve_device(spec: str | torch.device | None = None) -> torch.device:
+    """The device a computation runs on: ``None``/``"auto"`` = CUDA when torch sees one, else the
+    CPU. Raises ValueError naming ``spec`` when it is not a device or not present here."""
+    if spec is None or spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {spec!r} is not a device: use auto, cpu, cuda or "
+                         f"cuda:N ({exc})") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device {spec!r}: pgsvd_rt runs on cpu or cuda, not {dev.type}")
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+        raise ValueError(f"device {spec!r}: CUDA is not available here ({why})")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev

@@ -22,6 +22,9 @@ from tests.conftest import random_ids, tiny_model, tiny_tokenizer
 
 #: family -> (tokenizer adds BOS, projections per block)
 FAMILIES = {
+    "llama": (False, 7),
+    "mistral": (False, 7),
+    "qwen2": (False, 7),
     "llama3": (True, 7),
     "qwen3": (False, 7),
     "gemma3_text": (True, 7),
@@ -115,3 +118,39 @@ def test_refused_before_any_weight_is_read(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not read")
     with pytest.raises(ValueError, match=f"{tmp_path}.*encoder-decoder"):
         models.load(tmp_path)
+
+
+def _tiny_gguf(path, arch_name: str, **fields):
+    """A GGUF header of ``arch_name`` with one tensor: enough for transformers' config reader."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch_name)
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(16)
+    w.add_feed_forward_length(32)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-6)
+    for key, value in fields.items():
+        getattr(w, f"add_{key}")(value)
+    w.add_tensor("token_embd.weight", np.zeros((8, 16), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_refused_from_its_header_before_dequantising(tmp_path, monkeypatch):
+    """The user's file is named, and nothing is dequantised or left in the cache."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PGSVD_CACHE", str(cache))
+    moe = _tiny_gguf(tmp_path / "my-moe.gguf", "qwen2moe", expert_count=4, expert_used_count=2)
+    with pytest.raises(ValueError, match=r"my-moe.gguf.*'qwen2_moe' is a mixture of experts"):
+        models.load(moe)
+    unknown = _tiny_gguf(tmp_path / "my-rwkv.gguf", "rwkv7")
+    with pytest.raises(ValueError, match=r"my-rwkv.gguf: cannot read its model config.*rwkv7"):
+        models.load(unknown)
+    assert not cache.exists() or not any(cache.iterdir())

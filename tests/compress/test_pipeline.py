@@ -130,3 +130,38 @@ def test_calib_config_validation(kw):
 def test_config_round_trip():
     cfg = CompressConfig(method="svd-als", ratio=0.4, calib=CalibConfig(samples=8, seq_len=64))
     assert CompressConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_groups_of_blocks_give_the_same_factors_with_less_memory(qwen2):
+    """Streaming (one group of blocks calibrated and solved at a time, on the dense model)
+    equals calibrating everything first."""
+    import copy
+
+    from tests.conftest import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cal = CalibConfig(samples=4, seq_len=32)
+    whole = copy.deepcopy(qwen2)
+    a = compress_(whole, CompressConfig(method="pgsvd", ratio=0.3, calib=cal), tokenizer=tok,
+                  progress=False, device="cpu")
+    cal1 = CalibConfig(samples=4, seq_len=32, blocks_per_pass=1)
+    b = compress_(qwen2, CompressConfig(method="pgsvd", ratio=0.3, calib=cal1), tokenizer=tok,
+                  progress=False)
+    assert [r.rank for r in a.layers] == [r.rank for r in b.layers]
+    for x, y in zip(a.layers, b.layers, strict=True):  # None: a layer kept dense
+        assert x.objective == (None if y.objective is None
+                               else pytest.approx(y.objective, rel=1e-9, abs=1e-12))
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(whole(ids).logits, qwen2(ids).logits, rtol=1e-5, atol=1e-5)
+    assert a.timings["device"] == "cpu" and a.timings["peak_rss_bytes"] > 0
+
+
+@pytest.mark.parametrize("device, match", [
+    ("tpu", "'tpu' is not a device"),
+    ("cuda:0" if not torch.cuda.is_available() else "cuda:99", "'cuda:(0|99)'"),
+    ("mps", "runs on cpu or cuda"),
+])
+def test_bad_device_is_named(llama, device, match):
+    with pytest.raises(ValueError, match=match):
+        compress_(llama, CompressConfig(method="svd", ratio=0.3), device=device)
