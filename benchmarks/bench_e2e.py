@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--rank-multiple", type=int, default=None)
     p.add_argument("--eager", action="store_true", help="no static cache / torch.compile")
+    p.add_argument("--tag", default=None, help="suffix of the output file name")
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="build every variant first and alternate their timed runs "
                    "(default on CPU: a shared CPU drifts; off on GPU: peak memory per variant)")
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
                     **benchlib.versions()},
            "variants": []}
     os.makedirs(a.out, exist_ok=True)
-    tag = "smoke" if a.smoke else a.model
+    tag = "smoke" if a.smoke else a.model + (f"-{a.tag}" if a.tag else "")
     stem = os.path.join(a.out, f"{benchlib.device_slug(name)}-{benchlib.today()}-e2e-{tag}")
     def write():
         with open(stem + ".json", "w") as f:

@@ -31,6 +31,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from pgsvd_rt.device import DTYPES
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (  # noqa: E402  (shared shape tables, ideal bytes, timers, ceilings)
     KAPPAS,
@@ -81,9 +83,9 @@ def run(args) -> dict:
         shapes, kappas, ms_list = SMOKE_SHAPES, (0.5,), (1, 16)
         dtypes = [torch.float32] if device == "cpu" else [torch.float16]
     else:
-        shapes, kappas = LLAMA2_7B, KAPPAS
+        shapes, kappas = LLAMA2_7B, args.kappas or KAPPAS
         ms_list = M_FULL if args.full else M_FIRST
-        dtypes = [torch.float16, torch.bfloat16]
+        dtypes = [DTYPES[d] for d in args.dtypes]
     timer = (lambda fn, graph=False: time_cuda(fn, graph)) if device == "cuda" else (
         lambda fn, graph=False: time_cpu(fn))
     ceil = ceilings(device)
@@ -189,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="directory for <device>-<date>.json/.md")
     p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU (CI)")
     p.add_argument("--full", action="store_true", help="M in {1,4,16,64,256,1024,4096}")
+    p.add_argument("--kappas", type=float, nargs="+", default=None,
+                   help=f"keep ratios (default {' '.join(map(str, KAPPAS))})")
+    p.add_argument("--dtypes", nargs="+", choices=["fp16", "bf16"], default=["fp16", "bf16"])
     args = p.parse_args(argv)
     res = run(args)
     stem = write(args.out, res)

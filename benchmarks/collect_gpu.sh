@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Merge the tarballs that benchmarks/gpu_all.sh left in $OUT (fetched here by the device tool)
+# Merge the tarball(s) that benchmarks/gpu_check.sh left in $OUT (fetched here by the device tool)
 # into benchmarks/results/<device>-<date>-raw/ and render <device>-<date>.json/.md/*.png.
-#   benchmarks/collect_gpu.sh /work/.device/.../gpu-kernels.tar.gz /work/.device/.../gpu-e2e.tar.gz
+#   benchmarks/collect_gpu.sh <files_at>/gpu-check.tar.gz
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

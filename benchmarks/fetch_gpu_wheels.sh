@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download (here, where pip reaches a registry) the py3.12 x86-64 wheels that the GPU machine may
 # lack, into .whl/ (ignored by git). The next device call carries them: carry [".whl"].
-# benchmarks/gpu_all.sh installs from .whl/ only the packages that fail to import there.
+# benchmarks/gpu_check.sh installs from .whl/ only the packages that fail to import there.
 #
 # On the GPU image (see /work/.library/device/KINDS.md) torch, triton, transformers, tokenizers,
 # safetensors, accelerate, tqdm, numpy, pytest, pytest-benchmark, matplotlib, pybind11 and ninja

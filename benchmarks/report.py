@@ -3,7 +3,8 @@
     python benchmarks/report.py RAW_DIR --out benchmarks/results
 
 RAW_DIR holds any of: ``kernels-bench*.json`` (pytest-benchmark JSON of test_kernels_bench.py),
-``*-e2e-*.json`` (bench_e2e.py), ``*-als.json`` (bench_als.py) and the microbenchmark JSON of
+``*-e2e-*.json`` (bench_e2e.py), ``*-als.json`` (bench_als.py), ``*-compress-*.json``
+(bench_compress.py) and the microbenchmark JSON of
 bench_lowrank_matmul.py (a file with ``"rows"``). Writes ``<slug>-<date>.json`` (every section),
 ``.md`` (headline + tables) and, when matplotlib is importable, ``<slug>-<date>-latency_vs_M.png``
 (per provider), ``-speedup_vs_kappa.png`` (with the 1/kappa limit) and ``-decode_tokens.png``.
@@ -48,7 +49,8 @@ def kernel_rows(pb: dict) -> tuple[list[dict], dict]:
 
 
 def load_raw(raw: str) -> dict:
-    out: dict = {"kernels": [], "kernels_meta": {}, "microbench": None, "e2e": [], "als": []}
+    out: dict = {"kernels": [], "kernels_meta": {}, "microbench": None, "e2e": [], "als": [],
+                 "compress": []}
     for path in sorted(glob.glob(os.path.join(raw, "*.json"))):
         with open(path) as f:
             d = json.load(f)
@@ -57,6 +59,8 @@ def load_raw(raw: str) -> dict:
             rows, meta = kernel_rows(d)
             out["kernels"] += rows
             out["kernels_meta"] = out["kernels_meta"] or meta
+        elif "-compress-" in base:
+            out["compress"].append(d)
         elif "-e2e-" in base:
             out["e2e"].append(d)
         elif base.endswith("-als.json"):
@@ -221,6 +225,10 @@ def main(argv: list[str] | None = None) -> dict:
         import bench_als
 
         md += ["## Compression time"] + bench_als.render_markdown(als).splitlines()[1:] + [""]
+    for comp in res["compress"]:
+        import bench_compress
+
+        md += ["## Whole-model compression"] + bench_compress.render(comp).splitlines()[1:] + [""]
     md += kernel_table(res["kernels"])
     made = [] if a.no_plots else plots(res, stem)
     if made:

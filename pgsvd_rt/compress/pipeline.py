@@ -204,6 +204,7 @@ def compress_(
     compare_closed_form: bool = False,
     progress: bool = True,
     device: str | torch.device | None = None,
+    calib_ids: torch.Tensor | None = None,
 ) -> CompressionReport:
     """Replace every linear of ``model``'s decoder blocks by a :class:`LowRankLinear`, in place.
 
@@ -223,6 +224,7 @@ def compress_(
         compare_closed_form: also compute SVD-LLM's objective at each layer's rank.
         device: where calibration, spectra and solvers run: ``"auto"``/None (CUDA when
             present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        calib_ids: (S, L) calibration token ids to use instead of the default corpus.
 
     Returns:
         A :class:`CompressionReport` (ranks, ε, achieved ratio, per-layer objectives, timings
@@ -240,9 +242,15 @@ def compress_(
     check_finite(dict(model.named_parameters()), "the model to compress")
     needs_grams = config.needs_grams or compare_closed_form
     ids = None
-    if needs_grams and stats is None:
+    if needs_grams and stats is None and calib_ids is not None:
+        ids = calib_ids
+        calibration = calibration or {"corpus": "given token ids",
+                                      "samples": int(ids.shape[0]), "seq_len": int(ids.shape[-1]),
+                                      "tokens": int(ids.numel())}
+    elif needs_grams and stats is None:
         if tokenizer is None:
-            raise ValueError(f"method {config.method!r} needs calibration: pass tokenizer or stats")
+            raise ValueError(f"method {config.method!r} needs calibration: pass tokenizer, "
+                             "calib_ids or stats")
         ids, calibration = calibration_tokens(tokenizer, config.calib)
     if needs_grams and stats is not None:
         _check_stats(specs, stats)
