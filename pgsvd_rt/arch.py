@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pgsvd_rt.nn import LowRankLinear
+from pgsvd_rt.nn import LowRankLinear, LowRankLinearInt8
 
 #: Config attributes that mean mixture of experts when > 1 (one Gram per expert is not built).
 _EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -131,12 +131,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def block_linears(model: nn.Module) -> list[tuple[str, int, str, nn.Module]]:
     """``(name, block, path in block, module)`` of every linear inside a decoder block, in
-    module order. Linear means ``nn.Linear`` or an already factored :class:`LowRankLinear`."""
+    module order. Linear means ``nn.Linear`` or an already factored one (:class:`LowRankLinear`,
+    :class:`LowRankLinearInt8`)."""
     prefix, blocks = decoder_blocks(model)
     out = []
     for i, block in enumerate(blocks):
         for path, mod in block.named_modules():
-            if isinstance(mod, (nn.Linear, LowRankLinear)):
+            if isinstance(mod, (nn.Linear, LowRankLinear, LowRankLinearInt8)):
                 out.append((f"{prefix}.{i}.{path}", i, path, mod))
     if not out:
         kinds = sorted({type(m).__name__ for m in blocks[0].modules() if hasattr(m, "weight")})

@@ -35,7 +35,7 @@ def _cmd_compress(args) -> dict:
     ratio = None if args.eps is not None else args.ratio
     config = CompressConfig(method=args.method, ratio=ratio, eps=args.eps,
                             per_class_eps=args.per_class_eps, als_iters=args.als_iters,
-                            calib=calib)
+                            int8=args.int8, calib=calib)
     if Path(args.out).exists() and not args.overwrite:  # fail before the long work
         raise FileExistsError(f"output directory {args.out!r} exists; pass --overwrite")
     check_writable(args.out)
@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--blocks-per-pass", type=POSITIVE, default=None,
                    help="bound calibration memory: Grams of this many blocks at a time")
     c.add_argument("--als-iters", type=POSITIVE, default=10)
+    c.add_argument("--int8", action="store_true",
+                   help="store the factors in int8 (per-row scales, clipping chosen by the "
+                        "layer's activation-weighted error); served without dequantising")
     c.add_argument("--device", default="auto",
                    help="where calibration, spectra and ALS run: auto (cuda when present), cpu, "
                         "cuda, cuda:N")

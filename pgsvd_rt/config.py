@@ -63,6 +63,8 @@ class CompressConfig:
         als_iters: ALS iterations (paper: 10). als_ridge: relative ridge for failed r×r Choleskys.
         asvd_alpha: ASVD scaling exponent α (paper of ASVD: 0.5).
         eig_floor: relative eigenvalue floor when SVD-LLM's Cholesky fails.
+        int8: store the factors in int8 (a scale per row of u and per rank of v, clipping chosen
+            by the layer's activation-weighted error: :mod:`pgsvd_rt.compress.quantize`).
         calib: calibration data settings.
     """
 
@@ -74,6 +76,7 @@ class CompressConfig:
     als_ridge: float = 1e-10
     asvd_alpha: float = 0.5
     eig_floor: float = 1e-8
+    int8: bool = False
     calib: CalibConfig = CalibConfig()
 
     def __post_init__(self) -> None:
@@ -100,6 +103,8 @@ class CompressConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.int8, bool):
+            raise TypeError(f"int8 must be a bool, got {self.int8!r}")
         if not isinstance(self.calib, CalibConfig):
             raise TypeError(f"calib must be a CalibConfig, got {type(self.calib).__name__}")
 

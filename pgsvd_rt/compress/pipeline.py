@@ -19,7 +19,8 @@ from pgsvd_rt.config import CalibConfig, CompressConfig
 from pgsvd_rt.device import resolve_device
 from pgsvd_rt.io.validate import check_finite
 from pgsvd_rt.arch import LinearSpec, linear_specs
-from pgsvd_rt.nn import LowRankLinear, replace_linear
+from pgsvd_rt.compress.quantize import quantize_factors
+from pgsvd_rt.nn import LowRankLinear, LowRankLinearInt8, replace_linear
 
 log = logging.getLogger("pgsvd_rt")
 
@@ -40,6 +41,8 @@ class LayerResult:
     rel_objective: float | None = None  # objective / ‖W X‖_F²
     closed_form_objective: float | None = None  # SVD-LLM's at the same rank (diagnostic)
     whitening_fallback: bool = False
+    int8_rel_error: float | None = None  # what int8 adds: ‖(AB − A_q B_q) X‖² / ‖AB X‖²
+    int8_clip: tuple[float, float] | None = None  # (u, v) clip ratios chosen
 
 
 @dataclass
@@ -300,7 +303,14 @@ def compress_(
                 res.closed_form_objective = solvers.objective(weights[i], grams[i], Ac, Bc)
             dense = modules[i]
             bias = None if dense.bias is None else dense.bias.detach()
-            replacements[s.name] = LowRankLinear.from_factors(A, B, bias, dtype=dense.weight.dtype)
+            dtype = dense.weight.dtype
+            if config.int8:
+                q = quantize_factors(A, B, grams[i] if needs_grams else None)
+                res.int8_rel_error, res.int8_clip = q.rel_error, (q.clip_u, q.clip_v)
+                replacements[s.name] = LowRankLinearInt8.from_quantized(
+                    q.u, q.u_scale.to(dtype), q.vt, q.vt_scale.to(dtype), bias, dtype)
+            else:
+                replacements[s.name] = LowRankLinear.from_factors(A, B, bias, dtype=dtype)
         del weights, grams, group, factors
         t_solve += time.perf_counter() - ts
     # Only now: every group was calibrated on the dense model, as PGSVD prescribes.

@@ -21,7 +21,7 @@ from pathlib import Path
 from torch import nn
 
 from pgsvd_rt.io import quant_config, validate
-from pgsvd_rt.nn import LowRankLinear, replace_linear
+from pgsvd_rt.nn import LowRankLinear, LowRankLinearInt8, replace_linear
 
 log = logging.getLogger("pgsvd_rt")
 _REGISTERED = False
@@ -54,12 +54,14 @@ def register() -> bool:
                      quant_method=quant_config.QUANT_METHOD, **_ignored):
             self.quant_method = quant_config.QUANT_METHOD
             self.format_version = format_version
-            self.ranks = quant_config.parse_ranks(
-                {"quant_method": quant_method, "format_version": format_version,
-                 "ranks": ranks if ranks is not None else {}}, "quantization_config")
+            entry = {"quant_method": quant_method, "format_version": format_version,
+                     "ranks": ranks if ranks is not None else {},
+                     "int8": _ignored.get("int8", [])}
+            self.ranks = quant_config.parse_ranks(entry, "quantization_config")
+            self.int8 = quant_config.int8_modules(entry, self.ranks, "quantization_config")
 
         def to_dict(self) -> dict:
-            return quant_config.make(self.ranks)
+            return quant_config.make(self.ranks, self.int8)
 
     class PGSVDQuantizer(HfQuantizer):
         """Builds LowRankLinear modules where the config says a layer is factored."""
@@ -67,12 +69,12 @@ def register() -> bool:
         requires_calibration = True  # factors come from compression, not from loading
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            ranks = self.quantization_config.ranks
+            ranks, int8 = self.quantization_config.ranks, self.quantization_config.int8
             where = str(getattr(model.config, "_name_or_path", "") or "checkpoint")
             files = kwargs.get("checkpoint_files") or []
             if len(files) == 1 and Path(files[0]).name == quant_config.TENSOR_FILE:
                 quant_config.check_tensors(ranks, quant_config.read_header(
-                    Path(files[0]).parent), where)
+                    Path(files[0]).parent), where, int8)
             skeleton = {}
             for name, r in ranks.items():
                 try:
@@ -83,9 +85,10 @@ def register() -> bool:
                 if not isinstance(lin, nn.Linear):
                     raise ValueError(f"{where}: module {name!r} is a {type(lin).__name__}, "
                                      "not an nn.Linear")
-                skeleton[name] = LowRankLinear(lin.in_features, lin.out_features, r,
-                                               bias=lin.bias is not None, device="meta",
-                                               dtype=lin.weight.dtype)
+                cls = LowRankLinearInt8 if name in int8 else LowRankLinear
+                skeleton[name] = cls(lin.in_features, lin.out_features, r,
+                                     bias=lin.bias is not None, device="meta",
+                                     dtype=lin.weight.dtype)
             replace_linear(model, skeleton)
             return model
 

@@ -91,7 +91,13 @@ class PGSVDvLLMConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> PGSVDvLLMConfig:
-        return cls(quant_config.parse_ranks(config, "quantization_config"))
+        ranks = quant_config.parse_ranks(config, "quantization_config")
+        int8 = quant_config.int8_modules(config, ranks, "quantization_config")
+        if int8:
+            raise ValueError(f"pgsvd: int8 factors (e.g. {sorted(int8)[0]!r}) are served by "
+                             "load_factored and from_pretrained; the vLLM method serves float "
+                             "factors only")
+        return cls(ranks)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         """Rename modules where the vLLM model's names differ from the HF ones (not stacking)."""

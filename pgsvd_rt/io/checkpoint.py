@@ -34,11 +34,16 @@ from pgsvd_rt._version import __version__
 from pgsvd_rt.io import atomic, quant_config, validate
 from pgsvd_rt.arch import block_linears, check_config
 from pgsvd_rt.models import MANIFEST_NAME
-from pgsvd_rt.nn import LowRankLinear, replace_linear
+from pgsvd_rt.nn import LowRankLinear, LowRankLinearInt8, replace_linear
 
 FORMAT = "pgsvd_rt.factored"
 FORMAT_VERSION = 1
 TENSOR_FILE = quant_config.TENSOR_FILE
+
+
+def _int8(modules: dict) -> set[str]:
+    """Manifest modules whose factors are int8."""
+    return {name for name, m in modules.items() if m.get("factors") == "int8"}
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -82,7 +87,8 @@ def save_factored(
     modules = {
         name: {"rank": m.rank, "in_features": m.in_features, "out_features": m.out_features,
                "bias": m.bias is not None}
-        for name, m in model.named_modules() if isinstance(m, LowRankLinear)
+        | ({"factors": "int8"} if isinstance(m, LowRankLinearInt8) else {})
+        for name, m in model.named_modules() if isinstance(m, (LowRankLinear, LowRankLinearInt8))
     }
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "pgsvd_rt_version": __version__,
@@ -97,7 +103,7 @@ def save_factored(
         config = copy.deepcopy(model.config)  # the caller's model keeps its config
         config.architectures = [type(model).__name__]  # engines pick the model class by it
         config.quantization_config = quant_config.make(
-            {name: m["rank"] for name, m in modules.items()})
+            {name: m["rank"] for name, m in modules.items()}, _int8(modules))
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -157,7 +163,8 @@ def _read_tensors(directory: Path, manifest: dict, verify: bool) -> dict[str, to
                              f"{meta['shape']} {meta['dtype']}")
         if verify and tensor_sha256(t) != meta["sha256"]:
             raise ValueError(f"tensor {name!r}: checksum mismatch (corrupted checkpoint)")
-    validate.check_one_float_dtype(state, str(path))
+    validate.check_one_float_dtype(state, str(path), {
+        f"{m}.{key}" for m in _int8(manifest["modules"]) for key in ("u", "vt")})
     validate.check_finite(state, str(path))
     return state
 
@@ -196,7 +203,9 @@ def load_factored(
                else {name: mod for name, _, _, mod in block_linears(model)})
     skeleton = {}
     for name, m in manifest["modules"].items():
-        for key in ("u", "v") + (("bias",) if m["bias"] else ()):
+        int8 = m.get("factors") == "int8"
+        keys = ("u", "vt", "u_scale", "vt_scale") if int8 else ("u", "v")
+        for key in keys + (("bias",) if m["bias"] else ()):
             if f"{name}.{key}" not in state:
                 raise ValueError(f"manifest module {name!r} has no tensor {name}.{key}")
         try:
@@ -210,8 +219,9 @@ def load_factored(
             raise ValueError(f"manifest module {name!r} is {m['out_features']} x "
                              f"{m['in_features']} but the architecture's layer is "
                              f"{dense.out_features} x {dense.in_features}")
-        skeleton[name] = LowRankLinear(m["in_features"], m["out_features"], m["rank"],
-                                       bias=m["bias"], device="meta")
+        cls = LowRankLinearInt8 if int8 else LowRankLinear
+        skeleton[name] = cls(m["in_features"], m["out_features"], m["rank"], bias=m["bias"],
+                             device="meta")
     replace_linear(model, skeleton)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -9,7 +9,9 @@
     }
 
 A module named in ``ranks`` is stored as ``<name>.u`` (N, R) and ``<name>.v`` (K, R) (plus
-``<name>.bias``); every other linear stays dense (``<name>.weight``). Module names are the
+``<name>.bias``); one also listed in ``"int8": [...]`` as int8 ``<name>.u`` (N, R) and
+``<name>.vt`` (R, K) with ``<name>.u_scale`` (N,) and ``<name>.vt_scale`` (R,); every other
+linear stays dense (``<name>.weight``). Module names are the
 Hugging Face ones. Both loaders (transformers' ``from_pretrained`` after ``import pgsvd_rt``, and
 vLLM through the ``vllm.general_plugins`` entry point) read the entry with :func:`parse_ranks`
 and check it against the tensor file's header with :func:`check_tensors` before any weight
@@ -32,10 +34,27 @@ QUANT_FORMAT_VERSION = 1
 TENSOR_FILE = "model.safetensors"
 
 
-def make(ranks: dict[str, int]) -> dict:
-    """The ``quantization_config`` dict for modules factored at ``ranks`` ({name: R})."""
-    return {"quant_method": QUANT_METHOD, "format_version": QUANT_FORMAT_VERSION,
-            "ranks": {name: int(r) for name, r in sorted(ranks.items())}}
+def make(ranks: dict[str, int], int8: set[str] | frozenset = frozenset()) -> dict:
+    """The ``quantization_config`` dict for modules factored at ``ranks`` ({name: R}); those
+    in ``int8`` hold int8 factors (``u``, ``vt`` and their scales)."""
+    entry = {"quant_method": QUANT_METHOD, "format_version": QUANT_FORMAT_VERSION,
+             "ranks": {name: int(r) for name, r in sorted(ranks.items())}}
+    if int8:
+        entry["int8"] = sorted(int8)
+    return entry
+
+
+def int8_modules(cfg: dict, ranks: dict[str, int], where: str) -> set[str]:
+    """The modules whose factors are int8 (``quantization_config.int8``), each one in ranks."""
+    names = cfg.get("int8", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{where}: quantization_config.int8 must be a list of module names, "
+                         f"got {names!r}")
+    stray = sorted(set(names) - set(ranks))
+    if stray:
+        raise ValueError(f"{where}: quantization_config.int8 names {stray[0]!r}, which is not in "
+                         "quantization_config.ranks")
+    return set(names)
 
 
 def parse_ranks(cfg: dict, where: str) -> dict[str, int]:
@@ -89,19 +108,23 @@ def read_header(directory: str | os.PathLike) -> dict[str, tuple[list[int], str]
 
 
 def check_tensors(ranks: dict[str, int], header: dict[str, tuple[list[int], str]],
-                  where: str) -> None:
+                  where: str, int8: set[str] | frozenset = frozenset()) -> None:
     """Refuse a config whose ranks disagree with the tensors, naming the first bad module.
 
-    Every module in ``ranks`` needs ``.u`` (N, R) and ``.v`` (K, R) at that R and no
-    ``.weight``; every ``.u`` / ``.v`` in the file must belong to a module in ``ranks``.
+    Every module in ``ranks`` needs ``.u`` (N, R) and ``.v`` (K, R) at that R (int8 ones:
+    ``.u`` (N, R) and ``.vt`` (R, K), int8) and no ``.weight``; every factor in the file must
+    belong to a module in ``ranks``.
     """
     for name, r in sorted(ranks.items()):
-        for key in ("u", "v"):
+        for key in (("u", "vt") if name in int8 else ("u", "v")):
             if f"{name}.{key}" not in header:
                 raise ValueError(f"{where}: module {name!r} has rank {r} in quantization_config "
                                  f"but the checkpoint has no tensor {name}.{key}")
-            shape = header[f"{name}.{key}"][0]
-            if len(shape) != 2 or shape[1] != r:
+            shape, dtype = header[f"{name}.{key}"]
+            if name in int8 and dtype != "I8":
+                raise ValueError(f"{where}: module {name!r} is int8 in quantization_config but "
+                                 f"tensor {name}.{key} is {dtype}")
+            if len(shape) != 2 or shape[0 if key == "vt" else 1] != r:
                 raise ValueError(f"{where}: module {name!r}: quantization_config says rank {r}, "
                                  f"tensor {name}.{key} has shape {shape}")
         if f"{name}.weight" in header:
@@ -109,7 +132,7 @@ def check_tensors(ranks: dict[str, int], header: dict[str, tuple[list[int], str]
                              f"the checkpoint also has a dense {name}.weight")
     for key in sorted(header):
         base, _, leaf = key.rpartition(".")
-        if leaf in ("u", "v") and base not in ranks:
+        if leaf in ("u", "v", "vt") and base not in ranks:
             raise ValueError(f"{where}: tensor {key!r} is a factor but module {base!r} is not in "
                              f"quantization_config.ranks")
 
@@ -125,8 +148,9 @@ def stamp_checkpoint(directory: str | os.PathLike) -> dict:
     d = Path(directory)
     manifest = read_manifest(d)
     ranks = {name: m["rank"] for name, m in manifest["modules"].items()}
-    entry = make(ranks)
-    check_tensors(ranks, read_header(d), str(d))
+    int8 = {name for name, m in manifest["modules"].items() if m.get("factors") == "int8"}
+    entry = make(ranks, int8)
+    check_tensors(ranks, read_header(d), str(d), int8)
     cfg_path = d / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"] = entry

@@ -9,7 +9,7 @@ import re
 
 import torch
 
-_DTYPES = {"float32", "float16", "bfloat16", "float64"}
+_DTYPES = {"float32", "float16", "bfloat16", "float64", "int8"}  # int8: factors of int8 modules
 
 
 def _is_int(x) -> bool:
@@ -38,6 +38,8 @@ def check_manifest(manifest, where: str) -> dict:
             _need(_is_int(m.get(key)) and m[key] >= 1, w, f"{key!r} must be an int >= 1",
                   m.get(key))
         _need(isinstance(m.get("bias"), bool), w, "'bias' must be true or false", m.get("bias"))
+        _need(m.get("factors", "float") in ("float", "int8"), w,
+              "'factors' must be 'float' or 'int8'", m.get("factors"))
     tensors = manifest.get("tensors")
     _need(isinstance(tensors, dict) and tensors, where, "'tensors' must be a non-empty object",
           tensors)
@@ -86,8 +88,15 @@ def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
                              f"(NaN or Inf) of {t.numel()}")
 
 
-def check_one_float_dtype(state: dict[str, torch.Tensor], where: str) -> None:
-    """Every tensor floating point and all of one dtype (a model is served in one dtype)."""
+def check_one_float_dtype(state: dict[str, torch.Tensor], where: str,
+                          int8: set[str] | frozenset = frozenset()) -> None:
+    """Every tensor floating point and all of one dtype (a model is served in one dtype), but
+    those named in ``int8``, which must be int8."""
+    for name in int8:
+        if name in state and state[name].dtype != torch.int8:
+            raise ValueError(f"{where}: tensor {name!r} has dtype {state[name].dtype}, the "
+                             "manifest says int8")
+    state = {k: v for k, v in state.items() if k not in int8}
     first = None
     for name, t in state.items():
         if not t.is_floating_point():

@@ -11,6 +11,8 @@ op                      default (any device)         CPU                        
 lowrank_matmul          ops/reference.py             csrc/lowrank_matmul_cpu.cpp kernels/ (Triton)
 lowrank_matmul_grouped  ops/_library.py (per group)  csrc/lowrank_matmul_cpu.cpp kernels/ (Triton)
 als_solve               ops/reference.py             csrc/als_solve.cpp          csrc/als_solve.cpp
+lowrank_matmul_int8     ops/reference.py             torch's int8 weight-only    default (reference)
+                                                     GEMM (ops/_library.py)
 ======================  ===========================  ==========================  ===================
 
 Triton kernels live in kernels/lowrank_matmul.py; csrc/als_solve.cpp serves CUDA through ATen
@@ -35,6 +37,7 @@ from pgsvd_rt.ops import (
 _backends.load_all()
 _LOWRANK = torch.ops.pgsvd.lowrank_matmul.default
 _GROUPED = torch.ops.pgsvd.lowrank_matmul_grouped.default
+_INT8 = torch.ops.pgsvd.lowrank_matmul_int8.default
 
 
 def _skip_autograd() -> bool:
@@ -114,4 +117,23 @@ def lowrank_matmul_grouped(
     return _GROUPED(x, list(us), v_cat, bias_cat)
 
 
-__all__ = ["lowrank_matmul", "lowrank_matmul_grouped", "als_solve", "native_available"]
+def lowrank_matmul_int8(
+    x: torch.Tensor, u: torch.Tensor, u_scale: torch.Tensor, vt: torch.Tensor,
+    vt_scale: torch.Tensor, bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = ((x @ vt.T) * vt_scale) @ u.T * u_scale + bias with int8 factors (inference).
+
+    Args:
+        x: (..., K) activations, fp16 / bf16 / fp32.
+        u: (N, R) int8; u_scale: (N,) in x's dtype.
+        vt: (R, K) int8 (``v`` transposed, so each rank is a row); vt_scale: (R,) in x's dtype.
+        bias: (N,) or None.
+
+    Returns:
+        (..., N) in x's dtype.
+    """
+    return _INT8(x, u, u_scale, vt, vt_scale, bias)
+
+
+__all__ = ["lowrank_matmul", "lowrank_matmul_grouped", "lowrank_matmul_int8", "als_solve",
+           "native_available"]

@@ -244,3 +244,76 @@ torch.library.register_autograd(
     setup_context=_lowrank_matmul_grouped_setup_context,
     lib=_lib,
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# lowrank_matmul_int8: int8 factors with a scale per row of u (N) and per row of vt (R, i.e. per
+# column of v). Inference only (no autograd: int8 factors are not trained).
+# ---------------------------------------------------------------------------------------------
+_lib.define(
+    "lowrank_matmul_int8(Tensor x, Tensor u, Tensor u_scale, Tensor vt, Tensor vt_scale,"
+    " Tensor? bias=None) -> Tensor"
+)
+
+
+def check_lowrank_matmul_int8_args(x, u, u_scale, vt, vt_scale, bias) -> None:
+    op = "lowrank_matmul_int8"
+    if x.dim() < 1 or not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating tensor with >= 1 dim, got {x.dtype} "
+                        f"{tuple(x.shape)}")
+    for name, t in (("u", u), ("vt", vt)):
+        if t.dtype != torch.int8 or t.dim() != 2:
+            raise TypeError(f"{op}: {name} must be a 2-D int8 tensor, got {t.dtype} "
+                            f"{tuple(t.shape)}")
+    (N, R), K = u.shape, x.shape[-1]
+    if tuple(vt.shape) != (R, K):
+        raise ValueError(f"{op}: vt must be (R, K) = ({R}, {K}) for u {tuple(u.shape)} and x "
+                         f"with K={K}, got {tuple(vt.shape)}")
+    if R < 1:
+        raise ValueError(f"{op}: rank must be >= 1, got R={R}")
+    for name, t, n in (("u_scale", u_scale, N), ("vt_scale", vt_scale, R),
+                       ("bias", bias, N)):
+        if t is None:
+            continue
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"{op}: {name} must have shape ({n},), got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} dtype {t.dtype} != x dtype {x.dtype}")
+    for name, t in (("u", u), ("u_scale", u_scale), ("vt", vt), ("vt_scale", vt_scale),
+                    ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} on {t.device} but x on {x.device}")
+
+
+@torch.library.register_fake("pgsvd::lowrank_matmul_int8", lib=_lib)
+def _lowrank_matmul_int8_fake(x, u, u_scale, vt, vt_scale, bias=None):
+    check_lowrank_matmul_int8_args(x, u, u_scale, vt, vt_scale, bias)
+    return x.new_empty((*x.shape[:-1], u.shape[0]))
+
+
+@torch.library.register_kernel("pgsvd::lowrank_matmul_int8", None, lib=_lib)
+def _lowrank_matmul_int8_default(x, u, u_scale, vt, vt_scale, bias=None):
+    check_lowrank_matmul_int8_args(x, u, u_scale, vt, vt_scale, bias)
+    return reference.lowrank_matmul_int8(x, u, u_scale, vt, vt_scale, bias)
+
+
+@torch.library.register_kernel("pgsvd::lowrank_matmul_int8", "cpu", lib=_lib)
+def _lowrank_matmul_int8_cpu(x, u, u_scale, vt, vt_scale, bias=None):
+    """Two calls of torch's int8 weight-only CPU GEMM (``_weight_int8pack_mm``: int8 weights
+    converted in registers, one scale per output channel), which is exactly this op's form:
+    t = x @ (vt * vt_scale).T, y = t @ (u * u_scale).T. Factors never dequantised in memory."""
+    check_lowrank_matmul_int8_args(x, u, u_scale, vt, vt_scale, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if x.dtype != torch.float32 and (x.shape[-1] % 16 or u.shape[1] % 16):
+        # torch 2.13's half/bf16 kernel reads past a K that is not a multiple of 16 (it
+        # crashes); its fp32 kernel takes any K. LowRankLinearInt8 pads R to 16k, so models
+        # with 16k features stay on the half path.
+        y = torch._weight_int8pack_mm(torch._weight_int8pack_mm(x2.float(), vt, vt_scale.float()),
+                                      u, u_scale.float()).to(x.dtype)
+    else:
+        y = torch._weight_int8pack_mm(torch._weight_int8pack_mm(x2, vt, vt_scale), u, u_scale)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], u.shape[0])

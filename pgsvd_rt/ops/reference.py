@@ -30,6 +30,29 @@ def lowrank_matmul(
     return y
 
 
+def lowrank_matmul_int8(
+    x: torch.Tensor, u: torch.Tensor, u_scale: torch.Tensor, vt: torch.Tensor,
+    vt_scale: torch.Tensor, bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = ((x @ vt.T) * vt_scale) @ u.T * u_scale + bias, int8 factors, fp32 arithmetic.
+
+    Args:
+        x: (..., K) activations.
+        u: (N, R) int8, the rows of ``A`` each scaled by ``u_scale`` (N,).
+        vt: (R, K) int8, the rows of ``B`` (columns of ``v``) each scaled by ``vt_scale`` (R,).
+        bias: (N,) or None.
+
+    Returns:
+        (..., N) in x's dtype. The scales act on the (..., R) intermediate and on the output,
+        never inside a dot product.
+    """
+    t = (x.float() @ vt.float().t()) * vt_scale.float()
+    y = (t @ u.float().t()) * u_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 def _spd_solve(lhs: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
     """Solve ``lhs @ X = rhs`` for symmetric positive semi-definite (batched) r×r ``lhs``.
 

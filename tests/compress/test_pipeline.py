@@ -82,7 +82,7 @@ def test_already_compressed_model_is_refused(llama):
 
 
 def test_calibration_needs_tokenizer_or_stats(llama):
-    with pytest.raises(ValueError, match="tokenizer or stats"):
+    with pytest.raises(ValueError, match="pass tokenizer, calib_ids or stats"):
         compress_(llama, CompressConfig(method="pgsvd", ratio=0.2), progress=False)
 
 
