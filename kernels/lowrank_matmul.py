@@ -57,6 +57,11 @@ back to 2-byte loads and several prefill configs spill registers (compiled for s
 benchmarks/kernel_resources.py, no GPU needed); ``pgsvd_rt.nn.pad_ranks_`` zero-pads the factors
 to R = 16k, which is exact and costs (R' - R)(K + N) elements per layer.
 
+Int8 factors (``lowrank_matmul_int8_triton``, one group): v and u are loaded as int8 and
+converted to the input dtype in registers (exact: |q| <= 127); phase 1 scales each column of its
+fp32 t tile by ``vt_scale``, phase 2 each output column by ``u_scale``, so the scales never enter
+an inner loop and the factor bytes halve against bf16.
+
 Grouped projections (q/k/v, gate/up): ``v_cat`` (K, R_1 + ... + R_G) concatenates the v factors
 along R; phase 1 reads x once for all groups, phase 2 applies each ``u_g`` (N_g, R_g) to its own
 R-range and writes its own output. Up to MAX_GROUPS groups per launch.
@@ -117,12 +122,13 @@ _MIN_BLOCK_M = 16
 
 @triton.jit
 def _phase1_tile(
-    x_ptr, v_ptr, t_ptr, m_tile, r_tile, ks, M, K, R_total,
+    x_ptr, v_ptr, vs_ptr, t_ptr, m_tile, r_tile, ks, M, K, R_total,
     stride_xm, stride_xk, stride_vk, stride_vr, split_stride,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr, INT8: tl.constexpr,
 ):
-    """t_ws[ks, m_tile rows, r_tile cols] = x[rows, k-range of split ks] @ v[k-range, cols]."""
+    """t_ws[ks, m_tile rows, r_tile cols] = x[rows, k-range of split ks] @ v[k-range, cols]
+    (INT8: v is int8, converted in registers, and each column of t scaled by vs[col])."""
     rm = (m_tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rr = (r_tile * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     m_mask = rm < M
@@ -139,18 +145,24 @@ def _phase1_tile(
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         vt = tl.load(v_ptr + rk[:, None] * stride_vk + rr[None, :] * stride_vr,
                      mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        if INT8:
+            vt = vt.to(xt.dtype)  # |q| <= 127: exact in fp16 / bf16 / fp32
         acc = tl.dot(xt, vt, acc, input_precision=DOT_PRECISION)
+    if INT8:
+        acc = acc * tl.load(vs_ptr + rr, mask=r_mask, other=0.0).to(tl.float32)[None, :]
     t_offs = ks * split_stride + rm[:, None] * R_total + rr[None, :]
     tl.store(t_ptr + t_offs, acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
 def _phase2_tile(
-    t_ptr, u_ptr, b_ptr, y_ptr, m_tile, n_tile, M, N_g, R_g, r_off, R_total, split_stride,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    t_ptr, u_ptr, us_ptr, b_ptr, y_ptr, m_tile, n_tile, M, N_g, R_g, r_off, R_total,
+    split_stride, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INT8: tl.constexpr,
 ):
-    """y_g[rows, cols] = t_ws[:, rows, r_off:r_off+R_g] @ u_g[cols, :].T (+ bias_g[cols])."""
+    """y_g[rows, cols] = t_ws[:, rows, r_off:r_off+R_g] @ u_g[cols, :].T (+ bias_g[cols])
+    (INT8: u_g is int8, converted in registers, and y's column scaled by us[col])."""
     rm = (m_tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (n_tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m_mask = rm < M
@@ -168,7 +180,11 @@ def _phase2_tile(
                          cache_modifier=".cg")
         ut = tl.load(u_ptr + rn[None, :] * R_g + rr[:, None],  # (BLOCK_R, BLOCK_N) = u.T tile
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        if INT8:
+            ut = ut.to(y_ptr.dtype.element_ty)
         acc = tl.dot(t.to(ut.dtype), ut, acc, input_precision=DOT_PRECISION)
+    if INT8:
+        acc = acc * tl.load(us_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_offs = rm[:, None] * N_g + rn[None, :]
@@ -178,7 +194,7 @@ def _phase2_tile(
 
 @triton.jit(do_not_specialize=["M"])
 def _lowrank_matmul_kernel(
-    x_ptr, v_ptr, t_ptr, sync_ptr,
+    x_ptr, v_ptr, t_ptr, sync_ptr, vs_ptr, us_ptr,
     u0_ptr, b0_ptr, y0_ptr, N0, R0,
     u1_ptr, b1_ptr, y1_ptr, N1, R1,
     u2_ptr, b2_ptr, y2_ptr, N2, R2,
@@ -188,7 +204,7 @@ def _lowrank_matmul_kernel(
     NUM_GROUPS: tl.constexpr,
     HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr,
     HAS_BIAS2: tl.constexpr, HAS_BIAS3: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INT8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -211,9 +227,9 @@ def _lowrank_matmul_kernel(
     if ticket < n1:
         m_tile = ticket // (n_rt * SPLIT_K)
         rem = ticket % (n_rt * SPLIT_K)
-        _phase1_tile(x_ptr, v_ptr, t_ptr, m_tile, rem // SPLIT_K, rem % SPLIT_K, M, K, R_total,
-                     stride_xm, stride_xk, stride_vk, stride_vr, split_stride,
-                     BLOCK_M, BLOCK_K, BLOCK_R, SPLIT_K, DOT_PRECISION)
+        _phase1_tile(x_ptr, v_ptr, vs_ptr, t_ptr, m_tile, rem // SPLIT_K, rem % SPLIT_K, M, K,
+                     R_total, stride_xm, stride_xk, stride_vk, stride_vr, split_stride,
+                     BLOCK_M, BLOCK_K, BLOCK_R, SPLIT_K, DOT_PRECISION, INT8)
         tl.debug_barrier()  # all threads' stores before the (single-thread) release
         tl.atomic_add(sync_ptr + _SYNC_HEADER + m_tile, 1, sem="release")
     else:
@@ -226,24 +242,24 @@ def _lowrank_matmul_kernel(
             arrived = tl.atomic_add(sync_ptr + _SYNC_HEADER + m_tile, 0, sem="acquire")
         tl.debug_barrier()
         if j < T0:
-            _phase2_tile(t_ptr, u0_ptr, b0_ptr, y0_ptr, m_tile, j, M, N0, R0, 0, R_total,
+            _phase2_tile(t_ptr, u0_ptr, us_ptr, b0_ptr, y0_ptr, m_tile, j, M, N0, R0, 0, R_total,
                          split_stride, HAS_BIAS0, BLOCK_M, BLOCK_N, BLOCK_R, SPLIT_K,
-                         DOT_PRECISION)
+                         DOT_PRECISION, INT8)
         if NUM_GROUPS > 1:
             if (j >= T0) & (j < T0 + T1):
-                _phase2_tile(t_ptr, u1_ptr, b1_ptr, y1_ptr, m_tile, j - T0, M, N1, R1, R0,
-                             R_total, split_stride, HAS_BIAS1, BLOCK_M, BLOCK_N, BLOCK_R,
-                             SPLIT_K, DOT_PRECISION)
+                _phase2_tile(t_ptr, u1_ptr, us_ptr, b1_ptr, y1_ptr, m_tile, j - T0, M, N1, R1,
+                             R0, R_total, split_stride, HAS_BIAS1, BLOCK_M, BLOCK_N, BLOCK_R,
+                             SPLIT_K, DOT_PRECISION, False)
         if NUM_GROUPS > 2:
             if (j >= T0 + T1) & (j < T0 + T1 + T2):
-                _phase2_tile(t_ptr, u2_ptr, b2_ptr, y2_ptr, m_tile, j - T0 - T1, M, N2, R2,
-                             R0 + R1, R_total, split_stride, HAS_BIAS2, BLOCK_M, BLOCK_N,
-                             BLOCK_R, SPLIT_K, DOT_PRECISION)
+                _phase2_tile(t_ptr, u2_ptr, us_ptr, b2_ptr, y2_ptr, m_tile, j - T0 - T1, M, N2,
+                             R2, R0 + R1, R_total, split_stride, HAS_BIAS2, BLOCK_M, BLOCK_N,
+                             BLOCK_R, SPLIT_K, DOT_PRECISION, False)
         if NUM_GROUPS > 3:
             if j >= T0 + T1 + T2:
-                _phase2_tile(t_ptr, u3_ptr, b3_ptr, y3_ptr, m_tile, j - T0 - T1 - T2, M, N3,
-                             R3, R0 + R1 + R2, R_total, split_stride, HAS_BIAS3, BLOCK_M,
-                             BLOCK_N, BLOCK_R, SPLIT_K, DOT_PRECISION)
+                _phase2_tile(t_ptr, u3_ptr, us_ptr, b3_ptr, y3_ptr, m_tile, j - T0 - T1 - T2, M,
+                             N3, R3, R0 + R1 + R2, R_total, split_stride, HAS_BIAS3, BLOCK_M,
+                             BLOCK_N, BLOCK_R, SPLIT_K, DOT_PRECISION, False)
     # The last program out resets the sync buffer to zero for the next launch on this stream.
     tl.debug_barrier()
     exited = tl.atomic_add(sync_ptr + 1, 1)
@@ -301,6 +317,7 @@ def lowrank_matmul_grouped_triton(
     v_cat: torch.Tensor,
     biases: list[torch.Tensor | None] | None = None,
     config: dict | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """y_g = (x @ v_cat[:, R-range of g]) @ us[g].T + biases[g] for every g, in one launch.
 
@@ -311,6 +328,8 @@ def lowrank_matmul_grouped_triton(
         biases: G entries, each (N_g,) or None; None means no bias anywhere.
         config: tests only. Fixed meta-parameters (BLOCK_M, BLOCK_R, BLOCK_K, BLOCK_N, SPLIT_K,
             optional num_warps) bypassing the autotuner.
+        scales: int8 factors (one group only): ``(v_scale (R,), u_scale (N,))``; v_cat and us
+            are then int8, converted in registers, and t and y scaled per column.
 
     Returns:
         G tensors (M, N_g), contiguous, x's dtype. Shapes are the caller's contract (the op
@@ -318,6 +337,8 @@ def lowrank_matmul_grouped_triton(
     """
     G = len(us)
     biases = list(biases) if biases is not None else [None] * G
+    if scales is not None and G != 1:
+        raise ValueError(f"int8 factors take one group, got {G}")
     if G > MAX_GROUPS:
         out, r0 = [], 0
         for g0 in range(0, G, MAX_GROUPS):
@@ -359,9 +380,11 @@ def lowrank_matmul_grouped_triton(
         n1 = n_mt * triton.cdiv(R_total, meta["BLOCK_R"]) * meta["SPLIT_K"]
         return (n1 + n_mt * sum(triton.cdiv(n, meta["BLOCK_N"]) for n in n_list),)
 
-    args = [x, v_cat, t_ws, sync, *group_args, M, K, R_total, x.stride(0), x.stride(1),
+    vs, uscale = scales if scales is not None else (t_ws, t_ws)  # unread unless INT8
+    args = [x, v_cat, t_ws, sync, vs, uscale, *group_args, M, K, R_total, x.stride(0), x.stride(1),
             v_cat.stride(0), v_cat.stride(1), _next_pow2(M)]
-    kwargs = dict(NUM_GROUPS=G, DOT_PRECISION=_dot_precision(x.dtype), **has_bias)
+    kwargs = dict(NUM_GROUPS=G, DOT_PRECISION=_dot_precision(x.dtype), INT8=scales is not None,
+                  **has_bias)
     try:
         if config is not None:
             _lowrank_matmul_kernel[grid](*args, **kwargs, **config)
@@ -393,6 +416,26 @@ def lowrank_matmul_triton(
         (M, N) contiguous, x's dtype.
     """
     return lowrank_matmul_grouped_triton(x, [u], v, [bias], config)[0]
+
+
+def lowrank_matmul_int8_triton(
+    x: torch.Tensor,
+    u: torch.Tensor,
+    u_scale: torch.Tensor,
+    vt: torch.Tensor,
+    vt_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """y = ((x @ vt.T) * vt_scale) @ u.T * u_scale + bias in one launch, int8 factors read as
+    int8 (half the factor bytes of bf16) and converted in registers.
+
+    Args:
+        x: (M, K) fp16 / bf16 / fp32. u: (N, R) int8, u_scale (N,). vt: (R, K) int8,
+        vt_scale (R,) (scales and bias in x's dtype). config: tests only.
+    """
+    return lowrank_matmul_grouped_triton(x, [u], vt.t(), [bias], config,
+                                         scales=(vt_scale, u_scale))[0]
 
 
 def lowrank_matmul_bytes_flops(

@@ -11,8 +11,8 @@ op                      default (any device)         CPU                        
 lowrank_matmul          ops/reference.py             csrc/lowrank_matmul_cpu.cpp kernels/ (Triton)
 lowrank_matmul_grouped  ops/_library.py (per group)  csrc/lowrank_matmul_cpu.cpp kernels/ (Triton)
 als_solve               ops/reference.py             csrc/als_solve.cpp          csrc/als_solve.cpp
-lowrank_matmul_int8     ops/reference.py             torch's int8 weight-only    default (reference)
-                                                     GEMM (ops/_library.py)
+lowrank_matmul_int8     ops/reference.py             torch's int8 weight-only    kernels/ (Triton,
+                                                     GEMM (ops/_library.py)      int8 loads)
 ======================  ===========================  ==========================  ===================
 
 Triton kernels live in kernels/lowrank_matmul.py; csrc/als_solve.cpp serves CUDA through ATen

@@ -11,7 +11,11 @@ import math
 
 import torch
 
-from pgsvd_rt.ops._library import check_lowrank_matmul_args, check_lowrank_matmul_grouped_args
+from pgsvd_rt.ops._library import (
+    check_lowrank_matmul_args,
+    check_lowrank_matmul_grouped_args,
+    check_lowrank_matmul_int8_args,
+)
 
 _lib = torch.library.Library("pgsvd", "IMPL")  # noqa: TOR901 - backend registrations only
 _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,6 +50,17 @@ def _lowrank_matmul_grouped_cuda(x, us, v_cat, bias_cat=None):
     return [y.view(*x.shape[:-1], u.shape[0]) for y, u in zip(ys, us, strict=True)]
 
 
+def _lowrank_matmul_int8_cuda(x, u, u_scale, vt, vt_scale, bias=None):
+    from pgsvd_rt.kernels.lowrank_matmul import lowrank_matmul_int8_triton
+    from pgsvd_rt.ops import reference
+
+    check_lowrank_matmul_int8_args(x, u, u_scale, vt, vt_scale, bias)
+    if x.dtype not in _FAST_DTYPES:
+        return reference.lowrank_matmul_int8(x, u, u_scale, vt, vt_scale, bias)
+    y = lowrank_matmul_int8_triton(_as_2d(x), u.contiguous(), u_scale, vt, vt_scale, bias)
+    return y.view(*x.shape[:-1], u.shape[0])
+
+
 def register() -> bool:
     """Register the CUDA kernels once; False (the default kernels serve) when Triton is absent.
 
@@ -64,6 +79,9 @@ def register() -> bool:
     torch.library.register_kernel("pgsvd::lowrank_matmul", "cuda", _lowrank_matmul_cuda, lib=_lib)
     torch.library.register_kernel(
         "pgsvd::lowrank_matmul_grouped", "cuda", _lowrank_matmul_grouped_cuda, lib=_lib
+    )
+    torch.library.register_kernel(
+        "pgsvd::lowrank_matmul_int8", "cuda", _lowrank_matmul_int8_cuda, lib=_lib
     )
     _registered = True
     return True

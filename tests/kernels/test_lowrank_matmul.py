@@ -103,3 +103,36 @@ def test_bytes_flops(lowrank_kernels):
 def test_lowrank_matmul_gpu_half(lowrank_kernels, M, dtype):
     x, u, v, b = _factors(M, 4096 + 37, 1024 + 5, 300, dtype, "cuda", True, "sliced", seed=M)
     _check(lowrank_kernels.lowrank_matmul_triton(x, u, v, b), x, u, v, b)
+
+
+# ---- int8 factors: int8 loads converted in registers, scales on t's columns and y's columns --
+def _int8_factors(M, K, N, R, dtype, device, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randint(-127, 128, (N, R), dtype=torch.int8, generator=g)
+    vt = torch.randint(-127, 128, (R, K), dtype=torch.int8, generator=g)
+    us = torch.rand(N, generator=g) / 127 / K**0.5
+    vs = torch.rand(R, generator=g) / 127 / R**0.5
+    b = torch.randn(N, generator=g) if bias else None
+    x = torch.randn(M, K, generator=g)
+    cast = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
+    return (cast(x), u.to(device), cast(us), vt.to(device), cast(vs), cast(b))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)], ids=str)
+@pytest.mark.parametrize("M,K,N,R,bias", [(1, 130, 37, 7, True), (3, 41, 96, 37, False),
+                                         (17, 130, 41, 128, True), (33, 96, 41, 16, False)])
+def test_lowrank_matmul_int8_matches_fp64(lowrank_kernels, kernel_device, M, K, N, R, bias,
+                                          dtype, tol):
+    x, u, us, vt, vs, b = _int8_factors(M, K, N, R, dtype, kernel_device, bias, seed=M + R)
+    y = lowrank_kernels.lowrank_matmul_int8_triton(x, u, us, vt, vs, b)
+    t = (x.double() @ vt.double().t()) * vs.double()
+    want = (t @ u.double().t()) * us.double() + (0 if b is None else b.double())
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert float((y.double() - want).norm() / want.norm()) < tol
+
+
+def test_lowrank_matmul_int8_split_k_config(lowrank_kernels, kernel_device):
+    x, u, us, vt, vs, b = _int8_factors(3, 96, 41, 37, torch.float32, kernel_device, True, 9)
+    y = lowrank_kernels.lowrank_matmul_int8_triton(x, u, us, vt, vs, b, config=CONFIGS[0])
+    want = lowrank_kernels.lowrank_matmul_int8_triton(x, u, us, vt, vs, b)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)

@@ -78,3 +78,25 @@ def test_module_pads_the_rank_exactly():
     assert bf.u.dtype == torch.int8 and bf.u_scale.dtype == torch.bfloat16
     want = _fp64(x, u, us, vt, vs, b)
     assert float((bf(x.bfloat16()).double() - want).norm() / want.norm()) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+def test_cuda_int8_triton_matches_fp64_and_graphs(dtype, tol):
+    """On CUDA the op is the Triton kernel (int8 loads); eager, compiled and graph-replayed."""
+    u, us, vt, vs, b = (t.cuda() for t in _factors(4096, 1232, 4096, dtype))
+    for M in (1, 16, 300):
+        x = torch.randn(M, 4096, device="cuda").to(dtype)
+        y = ops.lowrank_matmul_int8(x, u, us, vt, vs, b)
+        want = _fp64(x, u, us, vt, vs, b)
+        assert float((y.double() - want).norm() / want.norm()) < tol
+    f = torch.compile(lambda x: ops.lowrank_matmul_int8(x, u, us, vt, vs, b), fullgraph=True)
+    torch.testing.assert_close(f(x), y)
+    x1 = torch.randn(1, 4096, device="cuda").to(dtype)
+    eager = ops.lowrank_matmul_int8(x1, u, us, vt, vs, b)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.lowrank_matmul_int8(x1, u, us, vt, vs, b)
+    graph.replay()
+    torch.testing.assert_close(out, eager)
