@@ -101,6 +101,7 @@ def _cmd_info(args) -> dict:
     keys = ("method", "eps", "target_ratio", "achieved_ratio", "dense_layers", "distinct_ranks")
     out = {k: manifest.get(k) for k in keys}
     out["base_model"] = manifest.get("base_model", {}).get("note")
+    out["int8_modules"] = sum(m.get("factors") == "int8" for m in manifest["modules"].values())
     out["layers"] = [{k: x[k] for k in ("name", "rank", "out_features", "in_features")}
                      for x in layers]
     return out
@@ -117,7 +118,7 @@ def _cmd_upgrade(args) -> dict:
 def _print_info(info: dict) -> None:
     print(f"base model     {info['base_model']}")
     for k in ("method", "eps", "target_ratio", "achieved_ratio", "dense_layers",
-              "distinct_ranks"):
+              "distinct_ranks", "int8_modules"):
         print(f"{k:<14} {info[k]}")
     print(f"\n{'layer':<44} {'N x M':>12} {'rank':>6}")
     for x in info["layers"]:

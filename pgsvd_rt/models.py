@@ -12,8 +12,10 @@ A model spec is one of:
 - a Hugging Face causal-LM directory (``config.json`` + weights);
 - a factored checkpoint written by :func:`pgsvd_rt.io.save_factored` (``pgsvd_manifest.json``).
 
-Dequantising a GGUF takes ~15 s, so the first load writes a safetensors copy into the cache
-(``$PGSVD_CACHE`` or ``~/.cache/pgsvd_rt``), atomically; later loads read the copy.
+Dequantising a GGUF is slow (transformers does it in Python: 28 s for the 98 MB SmolLM2 file
+here), so the first load writes a safetensors copy into the cache (``$PGSVD_CACHE`` or
+``~/.cache/pgsvd_rt``), atomically; later loads read the copy. A model pgsvd_rt cannot compress
+is refused from the config (a GGUF's header) before that (:func:`pgsvd_rt.arch.check_model_config`).
 """
 
 from __future__ import annotations

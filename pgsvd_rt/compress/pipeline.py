@@ -12,14 +12,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pgsvd_rt import data
+from pgsvd_rt.arch import LinearSpec, linear_specs
 from pgsvd_rt.compress import ranks as rk
 from pgsvd_rt.compress import solvers
 from pgsvd_rt.compress.calibration import InputStats, collect_stats
+from pgsvd_rt.compress.quantize import quantize_factors
 from pgsvd_rt.config import CalibConfig, CompressConfig
 from pgsvd_rt.device import resolve_device
 from pgsvd_rt.io.validate import check_finite
-from pgsvd_rt.arch import LinearSpec, linear_specs
-from pgsvd_rt.compress.quantize import quantize_factors
 from pgsvd_rt.nn import LowRankLinear, LowRankLinearInt8, replace_linear
 
 log = logging.getLogger("pgsvd_rt")
