@@ -115,12 +115,12 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 echo "gpu_check.sh: budget ${BUDGET}s, work dir $W" | tee "$STEPS"
 for line in "${PLAN[@]}"; do
   name=$(field "$line" 1); box=$(field "$line" 2); cmd=$(field "$line" 3)
-  cap=$(($(left) - 10))
-  [ "$box" = 0 ] || [ "$box" -gt "$cap" ] && box=$cap
-  if [ "$box" -lt 15 ]; then
+  cap=$(($(left) - 10))  # keep 10 s for the last pack
+  if [ "$cap" -lt 10 ]; then
     echo "$name SKIPPED (budget spent)" | tee -a "$STEPS"
     continue
   fi
+  if [ "$box" = 0 ] || [ "$box" -gt "$cap" ]; then box=$cap; fi
   cmd=${cmd//\$RAW/$RAW}; cmd=${cmd//\$W/$W}
   t0=$(date +%s)
   if [ "$name" = deps ]; then
@@ -137,6 +137,6 @@ for line in "${PLAN[@]}"; do
   fi
   pack
 done
-cat "$W/deps.log" >>"$STEPS"
+cat "$W/deps.log" >>"$STEPS" 2>/dev/null
 pack
 echo "packed $OUT/gpu-check.tar.gz ($(du -h "$OUT/gpu-check.tar.gz" | cut -f1)); $(left)s left"
