@@ -51,12 +51,12 @@ def register() -> bool:
         """The ``quantization_config`` of a factored checkpoint (per-module ranks)."""
 
         def __init__(self, ranks=None, format_version=quant_config.QUANT_FORMAT_VERSION,
-                     quant_method=quant_config.QUANT_METHOD, **_ignored):
+                     quant_method=quant_config.QUANT_METHOD, **extra):
             self.quant_method = quant_config.QUANT_METHOD
             self.format_version = format_version
             entry = {"quant_method": quant_method, "format_version": format_version,
                      "ranks": ranks if ranks is not None else {},
-                     "int8": _ignored.get("int8", [])}
+                     "int8": extra.get("int8", [])}
             self.ranks = quant_config.parse_ranks(entry, "quantization_config")
             self.int8 = quant_config.int8_modules(entry, self.ranks, "quantization_config")
 
