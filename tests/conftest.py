@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny randomly initialised LLaMA-layout models (fast unit tests).
+"""Shared fixtures: tiny randomly initialised models of each family (fast unit tests).
 
 Real-model tests use the embedded SmolLM2-135M and are marked ``slow``.
 """
