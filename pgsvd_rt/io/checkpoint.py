@@ -41,7 +41,7 @@ FORMAT_VERSION = 1
 TENSOR_FILE = quant_config.TENSOR_FILE
 
 
-def _int8(modules: dict) -> set[str]:
+def int8_names(modules: dict) -> set[str]:
     """Manifest modules whose factors are int8."""
     return {name for name, m in modules.items() if m.get("factors") == "int8"}
 
@@ -103,7 +103,7 @@ def save_factored(
         config = copy.deepcopy(model.config)  # the caller's model keeps its config
         config.architectures = [type(model).__name__]  # engines pick the model class by it
         config.quantization_config = quant_config.make(
-            {name: m["rank"] for name, m in modules.items()}, _int8(modules))
+            {name: m["rank"] for name, m in modules.items()}, int8_names(modules))
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -164,7 +164,7 @@ def _read_tensors(directory: Path, manifest: dict, verify: bool) -> dict[str, to
         if verify and tensor_sha256(t) != meta["sha256"]:
             raise ValueError(f"tensor {name!r}: checksum mismatch (corrupted checkpoint)")
     validate.check_one_float_dtype(state, str(path), {
-        f"{m}.{key}" for m in _int8(manifest["modules"]) for key in ("u", "vt")})
+        f"{m}.{key}" for m in int8_names(manifest["modules"]) for key in ("u", "vt")})
     validate.check_finite(state, str(path))
     return state
 

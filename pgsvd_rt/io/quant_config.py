@@ -143,12 +143,12 @@ def stamp_checkpoint(directory: str | os.PathLike) -> dict:
     The ranks come from the manifest (``modules``), checked against the tensor header; the new
     config.json is written to a temporary file and renamed over the old one. Returns the entry.
     """
-    from pgsvd_rt.io.checkpoint import read_manifest
+    from pgsvd_rt.io.checkpoint import int8_names, read_manifest
 
     d = Path(directory)
     manifest = read_manifest(d)
     ranks = {name: m["rank"] for name, m in manifest["modules"].items()}
-    int8 = {name for name, m in manifest["modules"].items() if m.get("factors") == "int8"}
+    int8 = int8_names(manifest["modules"])
     entry = make(ranks, int8)
     check_tensors(ranks, read_header(d), str(d), int8)
     cfg_path = d / "config.json"

@@ -61,11 +61,6 @@ class LowRankLinearInt8(nn.Module):
                 mod.bias.copy_(bias)
         return mod
 
-    def dense_weight(self) -> torch.Tensor:
-        """(out_features, in_features) in float32 (for analysis, not for serving)."""
-        return ((self.u.float() * self.u_scale.float()[:, None])
-                @ (self.vt.float() * self.vt_scale.float()[:, None]))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.lowrank_matmul_int8(x, self.u, self.u_scale, self.vt, self.vt_scale,
                                        self.bias)
