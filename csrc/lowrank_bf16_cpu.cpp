@@ -30,53 +30,21 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PGSVD_BF16_X86 1
-#include <immintrin.h>
-#endif
+#include "bf16_simd.h"
 
 namespace pgsvd::bf16 {
 
 #ifdef PGSVD_BF16_X86
-#define PGSVD_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 namespace {
+
+using namespace simd;
 
 constexpr int kXvRows = 12;   // rows of x per xv unit (2 x 12 accumulators)
 constexpr int kXvCols = 32;   // columns of v per xv unit (one 64-byte line of a row)
 constexpr int64_t kXvChunk = 64;  // rows of v per pass over the units (L1/L2-resident); even
 constexpr int kTuRows = 6;    // rows of tb per tu block (6 x 4 accumulators)
 constexpr int kTuCols = 64;   // rows of u per tu unit (4 vectors of 16 outputs)
-
-// (p[0], p[1]) broadcast to every 32-bit lane, low half first: a broadcast load (load port only;
-// a broadcast from a general register would take a shuffle port per row).
-PGSVD_BF16 inline __m512bh bcast_pair(const uint16_t* p) {
-  float f;
-  std::memcpy(&f, p, sizeof(f));
-  return (__m512bh)_mm512_castps_si512(_mm512_set1_ps(f));
-}
-
-inline __mmask32 mask32(int64_t n) {
-  return n >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((uint32_t(1) << n) - 1u);
-}
-inline __mmask16 mask16(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF)
-                 : static_cast<__mmask16>(n <= 0 ? 0u : (1u << n) - 1u);
-}
-
-// Software prefetch of [p, p + bytes) into L2: the next block of rows while this one computes.
-inline void prefetch_l2(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T1);
-}
-
-// Indices that interleave two rows a, b of 32 bf16 into (a[j], b[j]) pairs: j < 16, then j >= 16.
-alignas(64) const uint16_t kLoIdx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                         8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46,
-                                         15, 47};
-alignas(64) const uint16_t kHiIdx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54,
-                                         23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61,
-                                         30, 62, 31, 63};
 
 // t[i, :ncols] += sum_{k < K} x[i, k] v[k, :ncols] for i < MB, ncols <= 32.
 template <int MB>
@@ -201,12 +169,7 @@ PGSVD_BF16 void tu_block(const uint16_t* tb, int64_t ldtb, const int32_t* pack, 
 
 }  // namespace
 
-bool available() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
+bool available() { return cpu_ok(); }
 
 namespace {
 

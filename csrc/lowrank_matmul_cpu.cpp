@@ -8,21 +8,25 @@
 //
 // Which path serves a call is a measured policy (benchmarks/bench_cpu_kernels.py; README
 // "Latency"), per dtype and M:
-//   * bf16, M <= kOnePassMaxM (decode): the layer is memory-bound and torch's bf16 GEMV is not
-//     (it reached a third of the copy bandwidth here). One pass over the factors in one parallel
-//     region, no intermediate tensor: phase 1 streams v (K split across threads, each into a
-//     private fp64 partial of t = x @ v; 8-row groups summed in fp32 first), the partials are
-//     summed and rounded once to fp32, phase 2 splits the rows of u across threads and writes
-//     y[m, n] = <u[n, :], t[m, :]> + bias[n] (fp32 accumulation). bf16 factors are widened in
-//     registers (a 16-bit shift); t is never rounded to bf16. AVX-512 when the CPU has it
-//     (runtime check), portable C++ otherwise.
+//   * 1 <= M <= 4 (decode), bf16 on a CPU with AVX512-BF16, fp32 on AVX-512: the decode kernels
+//     of csrc/lowrank_decode_cpu.cpp (one pass over the factors in one parallel region). In the
+//     linear layers of a SmolLM2-135M decode step (benchmarks/bench_layers.py, AMD EPYC) bf16 ran
+//     1.4x faster than the one-pass kernel below (measured side by side when it was replaced)
+//     and fp32 2.9x faster than torch's two GEMVs (MKL), the fp32 path before.
+//   * bf16, M <= kOnePassMaxM on AVX-512 without AVX512-BF16: the layer is memory-bound and
+//     torch's bf16 GEMV is not (it reached a third of the copy bandwidth here). One pass over the
+//     factors in one parallel region, no intermediate tensor: phase 1 streams v (K split across
+//     threads, each into a private fp64 partial of t = x @ v; 8-row groups summed in fp32
+//     first), the partials are summed and rounded once to fp32, phase 2 splits the rows of u
+//     across threads and writes y[m, n] = <u[n, :], t[m, :]> + bias[n] (fp32 accumulation).
+//     bf16 factors are widened in registers (a 16-bit shift); t is never rounded to bf16.
+//     Portable C++ without AVX-512.
 //   * bf16, M > 4, on a CPU with AVX512-BF16: the two GEMMs of csrc/lowrank_bf16_cpu.cpp
 //     (VDPBF16PS, fp32 accumulation, t rounded to bf16 between them as torch rounds it). torch's
 //     bf16 GEMM would go to oneDNN, which JIT-builds a primitive per new shape (the first-call
 //     column of benchmarks/bench_cpu_kernels.py): with a rank per layer, every new batch size or
 //     prompt length builds hundreds of them.
-//   * everything else (fp32 at any M: MKL's GEMV streams at the copy bandwidth and beat the
-//     one pass on small layers by up to 2x, and MKL builds nothing per shape; bf16 without
+//   * everything else (fp32 at M > 4: MKL builds nothing per shape; bf16 at M > 4 without
 //     AVX512-BF16; fp16, fp64): two library GEMMs (oneDNN/MKL through ATen) with the bias fused
 //     into the second (addmm), called from C++ so the op costs one dispatch instead of a Python
 //     kernel.
@@ -33,6 +37,7 @@
 #include <torch/extension.h>
 
 #include "lowrank_bf16_cpu.h"
+#include "lowrank_decode_cpu.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -450,10 +455,37 @@ std::vector<at::Tensor> bf16_gemms(const at::Tensor& x2, const std::vector<at::T
   return ys;
 }
 
+// 1 <= M <= 4, bf16 on AVX512-BF16 or fp32 on AVX-512: the decode kernels of
+// csrc/lowrank_decode_cpu.cpp.
+template <typename E>
+std::vector<at::Tensor> decode(const at::Tensor& x2, const std::vector<at::Tensor>& us,
+                               const at::Tensor& v_cat, const std::vector<at::Tensor>& biases) {
+  const int64_t M = x2.size(0);
+  const at::Tensor vc = v_cat.stride(1) == 1 ? v_cat : v_cat.contiguous();
+  std::vector<at::Tensor> keep, ys;  // contiguous operands live until the kernel returns
+  std::vector<decode::Group<E>> groups;
+  for (size_t g = 0; g < us.size(); ++g) {
+    const at::Tensor ug = us[g].stride(1) == 1 ? us[g] : us[g].contiguous();
+    const at::Tensor bg = biases[g].defined() ? biases[g].contiguous() : at::Tensor();
+    keep.push_back(ug);
+    keep.push_back(bg);
+    ys.push_back(at::empty({M, ug.size(0)}, x2.options()));
+    groups.push_back({ug.data_ptr<E>(), ug.stride(0), ug.size(0), ug.size(1),
+                      bg.defined() ? bg.data_ptr<E>() : nullptr, ys.back().data_ptr<E>()});
+  }
+  decode::run(x2.data_ptr<E>(), x2.stride(0), M, x2.size(1), vc.data_ptr<E>(), vc.stride(0),
+              vc.size(1), groups);
+  return ys;
+}
+
 // y_g for every group, (M, N_g) each; us[g] (N_g, R_g), v_cat (K, sum R_g), biases[g] or undefined.
 std::vector<at::Tensor> lowrank_2d(const at::Tensor& x2, const std::vector<at::Tensor>& us,
                                    const at::Tensor& v_cat, const std::vector<at::Tensor>& biases) {
+  const bool decode_m = x2.size(0) >= 1 && x2.size(0) <= decode::kMaxM;
+  if (x2.scalar_type() == at::kFloat && decode_m && decode::f32_available())
+    return decode<float>(x2, us, v_cat, biases);
   if (x2.scalar_type() == at::kBFloat16) {
+    if (decode_m && decode::bf16_available()) return decode<c10::BFloat16>(x2, us, v_cat, biases);
     if (x2.size(0) <= kOnePassMaxM) return small_m_typed<c10::BFloat16>(x2, us, v_cat, biases);
     if (bf16::available()) return bf16_gemms(x2, us, v_cat, biases);
   }

@@ -40,11 +40,18 @@ _GROUPED = torch.ops.pgsvd.lowrank_matmul_grouped.default
 _INT8 = torch.ops.pgsvd.lowrank_matmul_int8.default
 
 
-def _skip_autograd() -> bool:
-    """Grad mode is off, so the autograd kernel (Python, ~9 µs a call on a CPU) would only
-    redispatch: go below it directly, as it would. Not while tracing (torch.compile sees the op
-    as usual)."""
-    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+def _call(op, *args):
+    """op(*args), skipping the autograd kernel (Python, ~9 µs a call on a CPU) where it would
+    only redispatch: under inference mode (vLLM runs the model in it) the dispatcher already
+    leaves it out, and a direct call is cheapest (~2 µs less than the guard below); with grad
+    mode off, go below it as it would. Not while tracing (torch.compile sees the op as usual;
+    it cannot trace the inference-mode query, so that is asked second)."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return op(*args)
+    if not torch.is_grad_enabled():
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return op(*args)
 
 
 def lowrank_matmul(
@@ -61,10 +68,7 @@ def lowrank_matmul(
     Returns:
         (..., N) tensor in x's dtype.
     """
-    if _skip_autograd():
-        with torch._C._AutoDispatchBelowAutograd():
-            return _LOWRANK(x, u, v, bias)
-    return _LOWRANK(x, u, v, bias)
+    return _call(_LOWRANK, x, u, v, bias)
 
 
 def als_solve(
@@ -111,10 +115,7 @@ def lowrank_matmul_grouped(
     Returns:
         G tensors (..., N_g) in x's dtype.
     """
-    if _skip_autograd():
-        with torch._C._AutoDispatchBelowAutograd():
-            return _GROUPED(x, list(us), v_cat, bias_cat)
-    return _GROUPED(x, list(us), v_cat, bias_cat)
+    return _call(_GROUPED, x, list(us), v_cat, bias_cat)
 
 
 def lowrank_matmul_int8(

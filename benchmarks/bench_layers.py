@@ -1,0 +1,200 @@
+"""The linear layers of one decode step, as an engine calls them: our op against dense (CPU).
+
+    python benchmarks/bench_layers.py --ckpt DIR [--dtype bfloat16] [--m 1 4] [--rounds 30] \\
+        [--out benchmarks/results]
+
+Loads a factored checkpoint (``load_factored``), groups q/k/v and gate/up as vLLM merges them
+(``pgsvd_rt.nn.group_projections_``) and times one pass over every factored linear of the model
+in forward order: the linear part of one decode step, weights cold as in a real step (a model's
+layers do not fit in the last-level cache; a 64 MiB read between rounds makes sure). Providers,
+interleaved round by round:
+
+- ``op``: ``pgsvd::lowrank_matmul_grouped`` + ``torch.cat`` for a merged layer and
+  ``lowrank_matmul`` otherwise, exactly as the vLLM method's ``apply`` calls them;
+- ``two-matmul``: ``(x @ v) @ u.T`` in torch (per projection of a merged layer), the naive
+  version;
+- ``dense``: ``F.linear`` on dense weights of the merged shapes (random values: latency does
+  not depend on them);
+- ``dense-onednn``: vLLM's CPU GEMM for dense layers (prepacked oneDNN, ``onednn_mm``), the peer
+  inside vLLM, when vLLM is installed.
+
+Per layer kind (qkv, o, gate/up, down): median ms per step, bytes per step and GB/s; for the
+whole step the time ratio of each dense provider to ``op`` beside the bytes ratio (the ideal), and
+the fraction of it reached. Runs inside a decode step of vLLM add the engine's own work around
+these calls (``benchmarks/profile_vllm.py``); this isolates the kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+
+from pgsvd_rt import ops  # noqa: E402
+from pgsvd_rt.io.checkpoint import load_factored  # noqa: E402
+from pgsvd_rt.nn import GroupedLowRankLinear, LowRankLinear, group_projections_  # noqa: E402
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+KINDS = {"qkv_group": "qkv", "gate_up_group": "gate/up", "o_proj": "o", "down_proj": "down"}
+
+
+def step_layers(ckpt: str, dtype: torch.dtype) -> list[dict]:
+    """Every factored linear call of one forward, merged as vLLM merges them."""
+    model, _, _ = load_factored(ckpt, dtype=dtype)
+    group_projections_(model)
+    layers = []
+    for name, m in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if isinstance(m, GroupedLowRankLinear):
+            us, v, b = [u.detach() for u in m.us], m.v_cat.detach(), m.bias_cat
+        elif isinstance(m, LowRankLinear):
+            us, v, b = [m.u.detach()], m.v.detach(), m.bias
+        else:
+            continue
+        b = None if b is None else b.detach()
+        N, K = sum(u.shape[0] for u in us), v.shape[0]
+        layers.append({"kind": KINDS.get(leaf, leaf), "us": us, "v": v, "bias": b,
+                       "N": N, "K": K, "W": torch.randn(N, K, dtype=dtype),
+                       "factor_bytes": (sum(u.numel() for u in us) + v.numel())
+                       * v.element_size(), "dense_bytes": N * K * v.element_size()})
+    return layers
+
+
+def providers(layers: list[dict]) -> dict:
+    """name -> fn(layer, x): one call of that layer."""
+    def op(ly, x):
+        if len(ly["us"]) == 1:
+            return ops.lowrank_matmul(x, ly["us"][0], ly["v"], ly["bias"])
+        return torch.cat(ops.lowrank_matmul_grouped(x, ly["us"], ly["v"], ly["bias"]), -1)
+
+    def two_matmul(ly, x):  # the naive version: torch's own two matmuls per projection
+        t, ys, r0 = x @ ly["v"], [], 0
+        for u in ly["us"]:
+            ys.append(t[:, r0:r0 + u.shape[1]] @ u.t())
+            r0 += u.shape[1]
+        y = torch.cat(ys, -1) if len(ys) > 1 else ys[0]
+        return y if ly["bias"] is None else y + ly["bias"]
+
+    out = {"op": op, "two-matmul": two_matmul,
+           "dense": lambda ly, x: torch.nn.functional.linear(x, ly["W"], ly["bias"])}
+    try:
+        from vllm import _custom_ops as vops
+
+        if getattr(vops, "_supports_onednn", False):
+            for ly in layers:
+                ly["onednn"] = vops.create_onednn_mm(ly["W"].t(), 32)
+            out["dense-onednn"] = lambda ly, x: vops.onednn_mm(ly["onednn"], x, ly["bias"])
+    except ImportError:
+        pass
+    return out
+
+
+def run(a) -> dict:
+    torch.manual_seed(0)
+    dtype = DTYPES[a.dtype]
+    layers = step_layers(a.ckpt, dtype)
+    provs = providers(layers)
+    flush = torch.empty(64 * 2**20 // 4)
+    kinds = list(dict.fromkeys(ly["kind"] for ly in layers))
+    res = {"meta": {"device": benchlib.device_name("cpu"), "date": benchlib.today(),
+                    "ckpt": os.path.basename(os.path.normpath(a.ckpt)), "dtype": a.dtype,
+                    "threads": torch.get_num_threads(), "rounds": a.rounds, "layers": len(layers),
+                    "native": ops.native_available(), **benchlib.versions()},
+           "bytes": {k: {"op": sum(ly["factor_bytes"] for ly in layers if ly["kind"] == k),
+                         "dense": sum(ly["dense_bytes"] for ly in layers if ly["kind"] == k)}
+                     for k in kinds},
+           "results": {}}
+    with torch.inference_mode():
+        for M in a.m:
+            xs = {K: torch.randn(M, K, dtype=dtype) for K in {ly["K"] for ly in layers}}
+            times = {p: {k: [] for k in kinds} for p in provs}
+            for r in range(a.rounds):
+                for p, fn in provs.items():
+                    flush.add_(1.0)  # evict the previous provider's weights
+                    acc = dict.fromkeys(kinds, 0)
+                    for ly in layers:
+                        x = xs[ly["K"]]
+                        t0 = time.perf_counter_ns()
+                        fn(ly, x)
+                        acc[ly["kind"]] += time.perf_counter_ns() - t0
+                    if r >= a.warmup:
+                        for k in kinds:
+                            times[p][k].append(acc[k] / 1e6)
+            res["results"][str(M)] = {p: {k: statistics.median(v) for k, v in t.items()}
+                                      for p, t in times.items()}
+    return res
+
+
+def render(res: dict) -> str:
+    m = res["meta"]
+    lines = [f"# Linear layers of one decode step: {m['ckpt']}, {m['dtype']} ({m['date']})", "",
+             f"- {m['device']}, torch {m['torch']}, {m['threads']} threads, CPU numbers; "
+             f"{m['layers']} calls per step (q/k/v and gate/up merged as vLLM merges them), "
+             f"weights cold, providers interleaved, median of {m['rounds']} rounds",
+             "- ideal = dense bytes / factored bytes; frac ideal = (dense ms / op ms) / ideal", ""]
+    kinds = list(res["bytes"])
+    for M, per in res["results"].items():
+        lines += [f"## M = {M}", "", "| layers | bytes/step factored (dense) | "
+                  + " | ".join(f"{p} ms (GB/s)" for p in per) + " |",
+                  "|---|---|" + "---|" * len(per)]
+        rows = kinds + ["all"]
+        for k in rows:
+            b = (res["bytes"][k] if k != "all" else
+                 {s: sum(res["bytes"][j][s] for j in kinds) for s in ("op", "dense")})
+            cells = []
+            for p, t in per.items():
+                ms = t[k] if k != "all" else sum(t.values())
+                gb = (b["op"] if p in ("op", "two-matmul") else b["dense"]) / (ms * 1e6)
+                cells.append(f"{ms:.2f} ({gb:.1f})")
+            lines.append(f"| {k} | {b['op'] / 1e6:.1f} MB ({b['dense'] / 1e6:.1f}) | "
+                         + " | ".join(cells) + " |")
+        op_ms = sum(per["op"].values())
+        ideal = (sum(res["bytes"][k]["dense"] for k in kinds)
+                 / sum(res["bytes"][k]["op"] for k in kinds))
+        for p in per:
+            if p not in ("op", "two-matmul"):
+                ratio = sum(per[p].values()) / op_ms
+                lines.append(f"- {p} / op: {ratio:.2f}x (ideal {ideal:.2f}x, "
+                             f"{ratio / ideal:.2f} of ideal)")
+        lines.append(f"- two-matmul / op: {sum(per['two-matmul'].values()) / op_ms:.2f}x")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="a factored checkpoint directory")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    p.add_argument("--m", type=int, nargs="+", default=[1], help="rows (tokens) per call")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default=None, help="write JSON + markdown here")
+    a = p.parse_args(argv)
+    if a.rounds <= a.warmup:
+        p.error(f"--rounds must exceed --warmup ({a.warmup}), got {a.rounds}")
+    res = run(a)
+    md = render(res)
+    print(md)
+    if a.out:
+        m = res["meta"]
+        stem = os.path.join(a.out, f"{benchlib.device_slug(m['device'])}-{m['date']}-layers-"
+                                   f"{m['ckpt']}-{a.dtype}")
+        os.makedirs(a.out, exist_ok=True)
+        with open(stem + ".json", "w") as f:
+            json.dump(res, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(md + "\n")
+        print(f"wrote {stem}.json, {stem}.md")
+    return res
+
+
+if __name__ == "__main__":
+    main()
