@@ -1,6 +1,6 @@
-// The decode kernels of the CPU low-rank op: M <= 4 rows (one token per sequence), bf16 on
-// AVX512-BF16 and fp32 on AVX-512. y_g = (x @ v_cat)[:, group g] @ u_g.T + bias_g for the G
-// groups sharing x, in ONE parallel region (one fork/join per call).
+// The decode kernels of the CPU low-rank op (one token per sequence, a few sequences): bf16 on
+// AVX512-BF16 for M <= 4 rows, fp32 on AVX-512 for M <= 16. y_g = (x @ v_cat)[:, group g] @
+// u_g.T + bias_g for the G groups sharing x, in ONE parallel region (one fork/join per call).
 //
 // A decode step is memory-bound: the factors are read once and each element is used M times, so
 // the kernel must issue few instructions per byte to keep up with memory. The one-pass kernel of
@@ -18,12 +18,14 @@
 //     (u[n, 2j], u[n, 2j+1]) already lie side by side, so a row is dotted with hi and lo directly,
 //     one row at a time; one rounding to bf16 on store.
 // Both phases prefetch ahead into L2 in step with their loads (one line per line read): with
-// the weights in DRAM (every real model: they are read once per token) that measured 1.3-1.5x
-// the rate of L1 prefetches or none (benchmarks/bench_layers.py measures the kernel in a model's
-// layer sequence).
+// the weights in DRAM (every real model: they are read once per token) phase 1 streamed up to
+// 1.4x faster than with L1 prefetches (AMD EPYC; benchmarks/bench_layers.py measures the kernels
+// in a model's sequence of layers).
 // fp32 has the same two phases with FMAs on 16 floats: phase 1 sums each 64-row chunk in fp32
 // registers and adds it to an fp64 partial (a library GEMV's blocked sums are that accurate), t
-// is rounded once to fp32. On this AMD EPYC torch's fp32 path (MKL, two GEMVs) read the factors
+// is rounded once to fp32; up to 16 rows, as the arithmetic per byte stays below what two cores
+// do while memory streams (the bf16 one stops at 4, where the GEMMs of lowrank_bf16_cpu.cpp
+// take over). On this AMD EPYC torch's fp32 path (MKL, two GEMVs) read the factors
 // at 5.7 GB/s inside a model's step against oneDNN's 16.7 for the dense layers.
 // Accuracy: bf16 products are exact in fp32, sums are fp32; fp32 as above
 // (tests/ops/test_lowrank_cpu.py holds every case to 2x torch's own error against fp64).
@@ -159,7 +161,8 @@ PGSVD_F32 void band(const float* x, int64_t ldx, int64_t k0, int64_t k1, const f
 template <typename E>
 constexpr int kStripCols = std::is_same_v<E, float> ? 16 : 32;
 template <typename E, int MB>
-constexpr int kBandStrips = (std::is_same_v<E, float> ? 2 : 1) * (MB == 1 ? 8 : MB == 2 ? 4 : 2);
+constexpr int kBandStrips = std::is_same_v<E, float> ? (MB < 16 ? 16 / MB : 1)
+                                                     : (MB == 1 ? 8 : MB == 2 ? 4 : 2);
 
 // t[:MB, :R] += x[:MB, k0:k1] @ v[k0:k1, :R] (k0 even, k1 - k0 <= kChunk, prefetching up to row
 // pf_end): bands of S strips, the last one narrower (no accumulator spent past R).
@@ -229,12 +232,15 @@ PGSVD_BF16 void row(const uint16_t* hi, const uint16_t* lo, int64_t ldt, const u
   }
 }
 
-// fp32: y[m] = <u[:R], t[m]> + bias for m < MB (t rows zero past R), two chains per m.
+// fp32: y[m] = <u[:R], t[m]> + bias for m < MB (t rows zero past R); two chains per m for a few
+// rows, one when the MB chains are enough (and two would not fit in the registers).
 template <int MB>
 PGSVD_F32 void row(const float* t, const float*, int64_t ldt, const float* u, int64_t R,
                    const float* bias, float* y, int64_t ldy, const float* pf) {
-  __m512 acc[MB][2];
-  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  constexpr int Q = MB <= 4 ? 2 : 1;
+  __m512 acc[MB][Q];
+  for (int m = 0; m < MB; ++m)
+    for (int q = 0; q < Q; ++q) acc[m][q] = _mm512_setzero_ps();
   for (int64_t c = 0; c < R; c += 32) {
     const __m512 w0 = _mm512_maskz_loadu_ps(mask16(R - c), u + c);
     const __m512 w1 = _mm512_maskz_loadu_ps(mask16(R - c - 16), u + c + 16);
@@ -244,12 +250,14 @@ PGSVD_F32 void row(const float* t, const float*, int64_t ldt, const float* u, in
     }
     for (int m = 0; m < MB; ++m) {
       acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(t + m * ldt + c), acc[m][0]);
-      acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(t + m * ldt + c + 16), acc[m][1]);
+      acc[m][Q - 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(t + m * ldt + c + 16), acc[m][Q - 1]);
     }
   }
   const float b = bias ? *bias : 0.f;
-  for (int m = 0; m < MB; ++m)
-    y[m * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + b;
+  for (int m = 0; m < MB; ++m) {
+    const __m512 a = Q == 2 ? _mm512_add_ps(acc[m][0], acc[m][Q - 1]) : acc[m][0];
+    y[m * ldy] = _mm512_reduce_add_ps(a) + b;
+  }
 }
 
 // Rows [n0, n1) of one group, prefetching kAheadBytes of u ahead (at least one row).
@@ -349,16 +357,15 @@ void run(const E* x, int64_t ldx, int64_t K, const E* v, int64_t ldv, int64_t Rt
 #endif
 }
 
-template <typename E>
+template <typename E, int MB = 1>
 void dispatch(const E* x, int64_t ldx, int64_t M, int64_t K, const E* v, int64_t ldv, int64_t Rt,
               const std::vector<Group<E>>& groups) {
-  switch (M) {
-    case 1: return run<1>(x, ldx, K, v, ldv, Rt, groups);
-    case 2: return run<2>(x, ldx, K, v, ldv, Rt, groups);
-    case 3: return run<3>(x, ldx, K, v, ldv, Rt, groups);
-    case 4: return run<4>(x, ldx, K, v, ldv, Rt, groups);
-    default: TORCH_CHECK(false, "pgsvd: the decode kernels take 1-", kMaxM, " rows, got ", M);
+  constexpr int64_t kMax = std::is_same_v<E, float> ? kMaxMF32 : kMaxMBf16;
+  if constexpr (MB <= kMax) {
+    if (M == MB) return run<MB>(x, ldx, K, v, ldv, Rt, groups);
+    return dispatch<E, MB + 1>(x, ldx, M, K, v, ldv, Rt, groups);
   }
+  TORCH_CHECK(false, "pgsvd: the decode kernel takes 1-", kMax, " rows, got ", M);
 }
 
 }  // namespace

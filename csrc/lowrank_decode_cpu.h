@@ -1,5 +1,6 @@
 // The decode kernels of the CPU low-rank op (csrc/lowrank_decode_cpu.cpp), used by
-// csrc/lowrank_matmul_cpu.cpp for 1 <= M <= kMaxM rows: bf16 on AVX512-BF16, fp32 on AVX-512.
+// csrc/lowrank_matmul_cpu.cpp for 1 <= M <= kMaxMBf16 rows in bf16 (AVX512-BF16) and
+// 1 <= M <= kMaxMF32 in fp32 (AVX-512).
 // Why they exist and what they cost is in the .cpp header.
 #pragma once
 
@@ -10,7 +11,9 @@
 
 namespace pgsvd::decode {
 
-constexpr int64_t kMaxM = 4;
+// Up to where each beat the GEMM path in a model's decode step (benchmarks/bench_layers.py).
+constexpr int64_t kMaxMBf16 = 4;
+constexpr int64_t kMaxMF32 = 16;
 
 // One projection: u (N, R) with row stride ldu, bias (N,) or nullptr, y (M, N) contiguous; its
 // columns of v_cat follow the previous group's.

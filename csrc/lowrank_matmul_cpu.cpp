@@ -481,11 +481,13 @@ std::vector<at::Tensor> decode(const at::Tensor& x2, const std::vector<at::Tenso
 // y_g for every group, (M, N_g) each; us[g] (N_g, R_g), v_cat (K, sum R_g), biases[g] or undefined.
 std::vector<at::Tensor> lowrank_2d(const at::Tensor& x2, const std::vector<at::Tensor>& us,
                                    const at::Tensor& v_cat, const std::vector<at::Tensor>& biases) {
-  const bool decode_m = x2.size(0) >= 1 && x2.size(0) <= decode::kMaxM;
-  if (x2.scalar_type() == at::kFloat && decode_m && decode::f32_available())
+  const int64_t M = x2.size(0);
+  if (x2.scalar_type() == at::kFloat && M >= 1 && M <= decode::kMaxMF32 &&
+      decode::f32_available())
     return decode<float>(x2, us, v_cat, biases);
   if (x2.scalar_type() == at::kBFloat16) {
-    if (decode_m && decode::bf16_available()) return decode<c10::BFloat16>(x2, us, v_cat, biases);
+    if (M >= 1 && M <= decode::kMaxMBf16 && decode::bf16_available())
+      return decode<c10::BFloat16>(x2, us, v_cat, biases);
     if (x2.size(0) <= kOnePassMaxM) return small_m_typed<c10::BFloat16>(x2, us, v_cat, biases);
     if (bf16::available()) return bf16_gemms(x2, us, v_cat, biases);
   }
@@ -504,10 +506,33 @@ std::vector<at::Tensor> lowrank_2d(const at::Tensor& x2, const std::vector<at::T
 }
 
 // (..., K) -> (M, K) contiguous (a view when x already is); M from the leading dims, so K = 0 works.
+// A 2-D contiguous x (what engines pass) is returned as is: no op call at all.
 at::Tensor as_2d(const at::Tensor& x) {
+  if (x.dim() == 2 && x.is_contiguous()) return x;
   int64_t M = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
   return x.reshape({M, x.size(-1)}).contiguous();
+}
+
+// y (M, N) viewed as x's leading dims + N (no op call when x is 2-D).
+at::Tensor as_out(const at::Tensor& y, const at::Tensor& x) {
+  return x.dim() == 2 ? y : y.view(out_shape(x, y.size(1)));
+}
+
+// True when check_args would pass for every group of a grouped call, checked on sizes and types
+// only (no tensor views): the per-group check_args, which names what is wrong, runs otherwise.
+bool grouped_args_ok(const at::Tensor& x, at::TensorList us, const at::Tensor& v_cat,
+                     const c10::optional<at::Tensor>& bias_cat) {
+  const auto ok = [&](const at::Tensor& t) {
+    return t.scalar_type() == x.scalar_type() && t.device() == x.device();
+  };
+  if (x.dim() < 1 || !at::isFloatingType(x.scalar_type()) || !ok(v_cat) ||
+      v_cat.size(0) != x.size(-1))
+    return false;
+  if (bias_cat.has_value() && !ok(*bias_cat)) return false;
+  for (const auto& u : us)
+    if (u.dim() != 2 || u.size(1) < 1 || !ok(u)) return false;
+  return true;
 }
 
 }  // namespace
@@ -518,7 +543,7 @@ at::Tensor lowrank_matmul_cpu(const at::Tensor& x, const at::Tensor& u, const at
   g_lowrank_calls.fetch_add(1, std::memory_order_relaxed);
   const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
   auto ys = lowrank_2d(as_2d(x), {u}, v, {b});
-  return ys[0].view(out_shape(x, u.size(0)));
+  return as_out(ys[0], x);
 }
 
 std::vector<at::Tensor> lowrank_matmul_grouped_cpu(const at::Tensor& x, at::TensorList us,
@@ -543,13 +568,13 @@ std::vector<at::Tensor> lowrank_matmul_grouped_cpu(const at::Tensor& x, at::Tens
                       shape_str(bias_cat->sizes()));
   }
   std::vector<at::Tensor> biases;
+  const bool fast = grouped_args_ok(x, us, v_cat, bias_cat);
   int64_t r0 = 0, n0 = 0;
   for (size_t g = 0; g < us.size(); ++g) {
-    const at::Tensor vg = v_cat.narrow(1, r0, us[g].size(1));
     c10::optional<at::Tensor> bg;
     if (bias_cat.has_value()) bg = bias_cat->narrow(0, n0, us[g].size(0));
     try {
-      check_args("lowrank_matmul", x, us[g], vg, bg);
+      if (!fast) check_args("lowrank_matmul", x, us[g], v_cat.narrow(1, r0, us[g].size(1)), bg);
     } catch (const c10::Error& e) {
       // Name the group, keep the exception type (ValueError / TypeError).
       const std::string msg = op + " (group " + std::to_string(g) + "): " + e.what_without_backtrace();
@@ -563,7 +588,7 @@ std::vector<at::Tensor> lowrank_matmul_grouped_cpu(const at::Tensor& x, at::Tens
   g_lowrank_calls.fetch_add(1, std::memory_order_relaxed);
   std::vector<at::Tensor> uv(us.begin(), us.end());
   auto ys = lowrank_2d(as_2d(x), uv, v_cat, biases);
-  for (size_t g = 0; g < ys.size(); ++g) ys[g] = ys[g].view(out_shape(x, us[g].size(0)));
+  for (auto& y : ys) y = as_out(y, x);
   return ys;
 }
 

@@ -2,13 +2,14 @@
 
 Every case goes through the dispatcher (``ops.lowrank_matmul`` on CPU tensors) and checks that
 the C++ kernel served it (its call counter), then holds the result to the 2x-PyTorch rule of
-tests/accuracy.py against fp64: fp32 (library GEMMs called from C++), and bf16 (whose torch
-error is bf16 rounding of both matmuls), where M in {1, 3} takes the one-pass AVX-512 kernel
-(fp64/fp32 accumulation, one rounding) and M >= 5 the AVX512-BF16 GEMMs of
-csrc/lowrank_bf16_cpu.cpp where the CPU has them (library GEMMs otherwise): M = 5, 13, 17, 130
-cross its 12-row and 6-row blocks, R = 1, 7, 37, 64 its 32-column strips and odd-R pairs, N = 41,
-64, 130 its 64-row blocks, odd K its unpaired last row; K = 1000 exercises the K split across
-threads (both kernels) and the 8-row groups' tails.
+tests/accuracy.py against fp64, in fp32 and bf16 (whose torch error is bf16 rounding of both
+matmuls). Paths on an AVX512-BF16 CPU: the decode kernels of csrc/lowrank_decode_cpu.cpp for
+bf16 at M <= 4 and fp32 at M <= 16 (M = 1, 3, 5, 8, 11, 16: band widths, one or two chains;
+R = 1, 7, 37, 64 strips and odd-R pairs; odd K the unpaired last row; K = 1000 the K split across
+threads and several 64-row chunks), the AVX512-BF16 GEMMs of csrc/lowrank_bf16_cpu.cpp for bf16
+at M >= 5 (M = 5, 13, 17, 130 cross its 12-row and 6-row blocks, N = 41, 64, 130 its 64-row
+blocks), library GEMMs for fp32 above 16. Without AVX512-BF16 the one-pass kernel serves bf16 at
+M <= 4 (fp64/fp32 accumulation, one rounding).
 """
 
 import os
@@ -40,6 +41,9 @@ CASES = [(M, K, N, R, i % 2 == 0, LAYOUTS[i % 3])
          for K, N in ((37, 41), (1000, 130))]
 CASES += [(13, 129, 64, 64, True, "sliced"), (130, 1000, 41, 37, False, "transposed"),
           (130, 257, 130, 7, True, "contig")]
+# fp32 decode kernel rows 5-16 (band widths 3, 2, 1 strips; one accumulator chain per row).
+CASES += [(8, 1000, 130, 37, True, "contig"), (16, 37, 41, 64, False, "sliced"),
+          (11, 257, 64, 7, True, "transposed")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
