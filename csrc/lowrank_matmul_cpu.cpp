@@ -8,11 +8,12 @@
 //
 // Which path serves a call is a measured policy (benchmarks/bench_cpu_kernels.py; README
 // "Latency"), per dtype and M:
-//   * 1 <= M <= 4 (decode), bf16 on a CPU with AVX512-BF16, fp32 on AVX-512: the decode kernels
-//     of csrc/lowrank_decode_cpu.cpp (one pass over the factors in one parallel region). In the
-//     linear layers of a SmolLM2-135M decode step (benchmarks/bench_layers.py, AMD EPYC) bf16 ran
-//     1.4x faster than the one-pass kernel below (measured side by side when it was replaced)
-//     and fp32 2.9x faster than torch's two GEMVs (MKL), the fp32 path before.
+//   * decode: bf16 at 1 <= M <= 4 on a CPU with AVX512-BF16, fp32 at 1 <= M <= 16 on AVX-512: the
+//     decode kernels of csrc/lowrank_decode_cpu.cpp (one pass over the factors in one parallel
+//     region). In the linear layers of a SmolLM2-135M decode step (benchmarks/bench_layers.py,
+//     AMD EPYC) bf16 ran 1.4x faster than the one-pass kernel below at M = 1 (measured side by
+//     side when it was replaced), fp32 2.7x faster than torch's two GEMVs (MKL, the fp32 path
+//     before) at M = 1 and 4, 1.2x at M = 16.
 //   * bf16, M <= kOnePassMaxM on AVX-512 without AVX512-BF16: the layer is memory-bound and
 //     torch's bf16 GEMV is not (it reached a third of the copy bandwidth here). One pass over the
 //     factors in one parallel region, no intermediate tensor: phase 1 streams v (K split across
@@ -26,7 +27,7 @@
 //     bf16 GEMM would go to oneDNN, which JIT-builds a primitive per new shape (the first-call
 //     column of benchmarks/bench_cpu_kernels.py): with a rank per layer, every new batch size or
 //     prompt length builds hundreds of them.
-//   * everything else (fp32 at M > 4: MKL builds nothing per shape; bf16 at M > 4 without
+//   * everything else (fp32 at M > 16: MKL builds nothing per shape; bf16 at M > 4 without
 //     AVX512-BF16; fp16, fp64): two library GEMMs (oneDNN/MKL through ATen) with the bias fused
 //     into the second (addmm), called from C++ so the op costs one dispatch instead of a Python
 //     kernel.
@@ -455,10 +456,9 @@ std::vector<at::Tensor> bf16_gemms(const at::Tensor& x2, const std::vector<at::T
   return ys;
 }
 
-// 1 <= M <= 4, bf16 on AVX512-BF16 or fp32 on AVX-512: the decode kernels of
-// csrc/lowrank_decode_cpu.cpp.
+// The decode kernels of csrc/lowrank_decode_cpu.cpp (M and the CPU checked by the caller).
 template <typename E>
-std::vector<at::Tensor> decode(const at::Tensor& x2, const std::vector<at::Tensor>& us,
+std::vector<at::Tensor> decode_groups(const at::Tensor& x2, const std::vector<at::Tensor>& us,
                                const at::Tensor& v_cat, const std::vector<at::Tensor>& biases) {
   const int64_t M = x2.size(0);
   const at::Tensor vc = v_cat.stride(1) == 1 ? v_cat : v_cat.contiguous();
@@ -484,10 +484,10 @@ std::vector<at::Tensor> lowrank_2d(const at::Tensor& x2, const std::vector<at::T
   const int64_t M = x2.size(0);
   if (x2.scalar_type() == at::kFloat && M >= 1 && M <= decode::kMaxMF32 &&
       decode::f32_available())
-    return decode<float>(x2, us, v_cat, biases);
+    return decode_groups<float>(x2, us, v_cat, biases);
   if (x2.scalar_type() == at::kBFloat16) {
     if (M >= 1 && M <= decode::kMaxMBf16 && decode::bf16_available())
-      return decode<c10::BFloat16>(x2, us, v_cat, biases);
+      return decode_groups<c10::BFloat16>(x2, us, v_cat, biases);
     if (x2.size(0) <= kOnePassMaxM) return small_m_typed<c10::BFloat16>(x2, us, v_cat, biases);
     if (bf16::available()) return bf16_gemms(x2, us, v_cat, biases);
   }
