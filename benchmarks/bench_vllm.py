@@ -23,7 +23,10 @@ cores/T threads, one process each); ``--tp-reduce rank`` serves the factored che
 ``PGSVD_VLLM_TP_REDUCE=rank`` (row-parallel layers all-reduce the (M, R) partial instead of the
 (M, N) output), ``both`` adds them as ``NAME@rank`` beside the default reduction.
 The same script runs on a GPU where vLLM is installed.
-Output: ``<device>-<date>-vllm-<model>[-tp<T>].{json,md}`` in --out.
+Output: ``<device>-<date>-vllm-<model>[-tp<T>].{json,md}`` in --out. Beside the ratio of the
+median tok/s, the paired ratio (median over rounds of the ratio within a round, with its range):
+on a noisy machine it is the steadier of the two, and the fraction of the ideal is taken from it.
+``--render JSON`` rewrites the markdown of a saved report.
 """
 
 from __future__ import annotations
@@ -152,6 +155,14 @@ class Engine:
         self.err.close()
 
 
+def paired(r: dict, dense: dict, c) -> tuple[float, float, float]:
+    """Median, min and max over rounds of r's tok/s over dense's in the same round: the variants
+    of a round run back to back, so this pairs them under the same load (a shared machine's
+    drift moves both); the ratio of the medians mixes rounds."""
+    ratios = [a / b for a, b in zip(r["rounds"][str(c)], dense["rounds"][str(c)])]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def to_markdown(rep: dict) -> str:
     m = rep["meta"]
     lines = [f"# vLLM serving on {m['device']} ({m['date']}): {m['model']}", "",
@@ -159,13 +170,15 @@ def to_markdown(rep: dict) -> str:
              f"tensor parallel {m.get('tp', 1)}, prompt {m['prompt']} "
              f"tokens, {m['new_tokens']} new tokens per request, median of {m['rounds']} rounds "
              "(engines kept alive, variants taking turns). Command: `python benchmarks/"
-             "bench_vllm.py` (see its header). tok/s = output tokens/s over all requests.", ""]
+             "bench_vllm.py` (see its header). tok/s = output tokens/s over all requests; "
+             "ratio = median tok/s over dense's; paired = median over rounds of the ratio to "
+             "dense in the same round (range in brackets); frac ideal = paired / ideal.", ""]
     for dtype, rows in rep["results"].items():
         cs = m["concurrency"]
         lines += [f"## {dtype}", "",
                   "| variant | MB/token | ideal | " + " | ".join(
-                      f"c={c} tok/s | ratio | frac ideal" for c in cs) + " |",
-                  "|---|---|---|" + "---|---|---|" * len(cs)]
+                      f"c={c} tok/s | ratio | paired | frac ideal" for c in cs) + " |",
+                  "|---|---|---|" + "---|---|---|---|" * len(cs)]
         dense = rows[0]
         for r in rows:
             ideal = dense["bytes_per_token"] / r["bytes_per_token"]
@@ -173,16 +186,28 @@ def to_markdown(rep: dict) -> str:
             for c in cs:
                 tps = r["tok_s"][str(c)]
                 ratio = tps / dense["tok_s"][str(c)]
-                cells.append(f"{tps:.1f} | {ratio:.2f}x | {ratio / ideal:.2f}")
+                med, lo, hi = paired(r, dense, c)
+                cells.append(f"{tps:.1f} | {ratio:.2f}x | {med:.2f}x ({lo:.2f}-{hi:.2f}) | "
+                             f"{med / ideal:.2f}")
             lines.append(f"| {r['name']} | {r['bytes_per_token'] / 1e6:.1f} | {ideal:.2f}x | "
                          + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
+def render(path: str) -> str:
+    """Rewrite the markdown beside a saved JSON report (same stem) and return it."""
+    with open(path) as f:
+        md = to_markdown(json.load(f))
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(md)
+    return md
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="directory for the JSON + markdown report")
+    p.add_argument("--render", metavar="JSON", help="rewrite a saved report's markdown and exit")
     p.add_argument("--model", default="smollm2-135m", help="the dense model (a pgsvd spec)")
     p.add_argument("--ckpt", action="append", default=[], metavar="NAME=DIR")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(ELEM))
@@ -201,6 +226,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     a = p.parse_args(argv)
     if a.worker:
         return worker(a)
+    if a.render:
+        sys.stdout.write(render(a.render))
+        return None
+    if not a.out:
+        p.error("--out is required (unless --render)")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     ckpts = {}
     for item in a.ckpt:

@@ -1,0 +1,52 @@
+"""benchmarks/bench_vllm.py's report (no vLLM needed): the paired ratio is taken round by round,
+the fraction of the ideal from it, and --render rewrites a saved report's markdown."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.benchmarks import load_bench
+
+
+def _report() -> dict:
+    def row(name, nbytes, rounds):
+        return {"name": name, "dir": name, "tp_reduce": "output", "bytes_per_token": nbytes,
+                "tok_s": {"1": sorted(rounds)[len(rounds) // 2]}, "rounds": {"1": rounds}}
+
+    # Round 2 is slow for both (load on the machine): the paired ratio is 1.5 in every round.
+    return {"meta": {"device": "CPU: test", "date": "2026-12-03", "model": "tiny",
+                     "vllm": "0", "compile": False, "tp": 1, "prompt": 4, "new_tokens": 4,
+                     "rounds": 3, "concurrency": [1]},
+            "results": {"bfloat16": [row("dense", 300, [30.0, 20.0, 40.0]),
+                                     row("pgsvd-40", 200, [45.0, 30.0, 60.0])]}}
+
+
+def test_paired_ratio_pairs_rounds():
+    bench = load_bench("bench_vllm")
+    rep = _report()
+    dense, fact = rep["results"]["bfloat16"]
+    assert bench.paired(fact, dense, 1) == pytest.approx((1.5, 1.5, 1.5))
+    md = bench.to_markdown(rep)
+    row = next(line for line in md.splitlines() if line.startswith("| pgsvd-40"))
+    # ideal 300 / 200 = 1.5; ratio of medians 45 / 30 = 1.5 here too, paired 1.5, frac 1.00.
+    assert "| 1.50x |" in row and "1.50x (1.50-1.50)" in row and row.endswith("| 1.00 |")
+
+
+def test_render_rewrites_markdown(tmp_path):
+    bench = load_bench("bench_vllm")
+    rep = _report()
+    # Ratios 2, 1, 1.125 round by round: paired 1.125, while the medians (45 / 30) give 1.5.
+    rep["results"]["bfloat16"][1]["rounds"]["1"] = [60.0, 20.0, 45.0]
+    js = tmp_path / "r.json"
+    js.write_text(json.dumps(rep))
+    assert bench.main(["--render", str(js)]) is None
+    md = (tmp_path / "r.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| pgsvd-40"))
+    assert "1.12x (1.00-2.00)" in row and row.endswith("| 0.75 |")  # 1.125 / 1.5
+
+
+def test_out_required_without_render():
+    with pytest.raises(SystemExit):
+        load_bench("bench_vllm").main([])
