@@ -9,8 +9,8 @@ in forward order: the linear part of one decode step, weights cold as in a real 
 layers do not fit in the last-level cache; a 64 MiB read between rounds makes sure). Providers,
 interleaved round by round:
 
-- ``op``: ``pgsvd::lowrank_matmul_grouped`` + ``torch.cat`` for a merged layer and
-  ``lowrank_matmul`` otherwise, exactly as the vLLM method's ``apply`` calls them;
+- ``op``: ``pgsvd::lowrank_matmul_merged`` for a merged layer and ``lowrank_matmul``
+  otherwise, exactly as the vLLM method's ``apply`` calls them;
 - ``two-matmul``: ``(x @ v) @ u.T`` in torch (per projection of a merged layer), the naive
   version;
 - ``dense``: ``F.linear`` on dense weights of the merged shapes (random values: latency does
@@ -73,7 +73,7 @@ def providers(layers: list[dict]) -> dict:
     def op(ly, x):
         if len(ly["us"]) == 1:
             return ops.lowrank_matmul(x, ly["us"][0], ly["v"], ly["bias"])
-        return torch.cat(ops.lowrank_matmul_grouped(x, ly["us"], ly["v"], ly["bias"]), -1)
+        return ops.lowrank_matmul_merged(x, ly["us"], ly["v"], ly["bias"])
 
     def two_matmul(ly, x):  # the naive version: torch's own two matmuls per projection
         t, ys, r0 = x @ ly["v"], [], 0

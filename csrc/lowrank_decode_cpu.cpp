@@ -266,7 +266,7 @@ void phase2(const E* hi, const E* lo, int64_t ldt, const Group<E>& g, int64_t n0
   const int64_t ahead = std::max<int64_t>(
       1, (kAheadBytes + int64_t(sizeof(E)) * g.ldu - 1) / (int64_t(sizeof(E)) * g.ldu));
   for (int64_t n = n0; n < n1; ++n)
-    row<MB>(hi, lo, ldt, g.u + n * g.ldu, g.R, g.bias ? g.bias + n : nullptr, g.y + n, g.N,
+    row<MB>(hi, lo, ldt, g.u + n * g.ldu, g.R, g.bias ? g.bias + n : nullptr, g.y + n, g.ldy,
             n + ahead < n1 ? g.u + (n + ahead) * g.ldu : nullptr);
 }
 
@@ -383,7 +383,8 @@ void run(const c10::BFloat16* x, int64_t ldx, int64_t M, int64_t K, const c10::B
   std::vector<Group<uint16_t>> gs;
   for (const auto& g : groups)
     gs.push_back({reinterpret_cast<const uint16_t*>(g.u), g.ldu, g.N, g.R,
-                  reinterpret_cast<const uint16_t*>(g.bias), reinterpret_cast<uint16_t*>(g.y)});
+                  reinterpret_cast<const uint16_t*>(g.bias), reinterpret_cast<uint16_t*>(g.y),
+                  g.ldy});
   dispatch(reinterpret_cast<const uint16_t*>(x), ldx, M, K, reinterpret_cast<const uint16_t*>(v),
            ldv, Rt, gs);
 }

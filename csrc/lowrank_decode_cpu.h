@@ -15,14 +15,16 @@ namespace pgsvd::decode {
 constexpr int64_t kMaxMBf16 = 4;
 constexpr int64_t kMaxMF32 = 16;
 
-// One projection: u (N, R) with row stride ldu, bias (N,) or nullptr, y (M, N) contiguous; its
-// columns of v_cat follow the previous group's.
+// One projection: u (N, R) with row stride ldu, bias (N,) or nullptr, y (M, N) with row stride
+// ldy (N for an output of its own, the sum of N when the groups share one); its columns of
+// v_cat follow the previous group's.
 template <typename E>
 struct Group {
   const E* u;
   int64_t ldu, N, R;
   const E* bias;
   E* y;
+  int64_t ldy;
 };
 
 // True when this build has the kernel and the CPU runs what it needs.

@@ -1,4 +1,5 @@
-// Native CPU kernels for pgsvd::lowrank_matmul and pgsvd::lowrank_matmul_grouped.
+// Native CPU kernels for pgsvd::lowrank_matmul, pgsvd::lowrank_matmul_grouped and
+// pgsvd::lowrank_matmul_merged.
 //
 // The schemas are defined in Python (pgsvd_rt/ops/_library.py); this file registers the CPU
 // implementations (TORCH_LIBRARY_IMPL(pgsvd, CPU)). The reference they are tested against is
@@ -456,22 +457,29 @@ std::vector<at::Tensor> bf16_gemms(const at::Tensor& x2, const std::vector<at::T
   return ys;
 }
 
-// The decode kernels of csrc/lowrank_decode_cpu.cpp (M and the CPU checked by the caller).
+// The decode kernels of csrc/lowrank_decode_cpu.cpp (M and the CPU checked by the caller);
+// merged: every group writes its columns of one (M, sum N) output.
 template <typename E>
 std::vector<at::Tensor> decode_groups(const at::Tensor& x2, const std::vector<at::Tensor>& us,
-                               const at::Tensor& v_cat, const std::vector<at::Tensor>& biases) {
+                                      const at::Tensor& v_cat,
+                                      const std::vector<at::Tensor>& biases, bool merged) {
   const int64_t M = x2.size(0);
   const at::Tensor vc = v_cat.stride(1) == 1 ? v_cat : v_cat.contiguous();
   std::vector<at::Tensor> keep, ys;  // contiguous operands live until the kernel returns
   std::vector<decode::Group<E>> groups;
-  for (size_t g = 0; g < us.size(); ++g) {
+  int64_t n_total = 0;
+  for (const auto& u : us) n_total += u.size(0);
+  if (merged) ys.push_back(at::empty({M, n_total}, x2.options()));
+  for (size_t g = 0, n0 = 0; g < us.size(); n0 += us[g++].size(0)) {
     const at::Tensor ug = us[g].stride(1) == 1 ? us[g] : us[g].contiguous();
     const at::Tensor bg = biases[g].defined() ? biases[g].contiguous() : at::Tensor();
     keep.push_back(ug);
     keep.push_back(bg);
-    ys.push_back(at::empty({M, ug.size(0)}, x2.options()));
+    if (!merged) ys.push_back(at::empty({M, ug.size(0)}, x2.options()));
+    E* y = merged ? ys[0].data_ptr<E>() + n0 : ys.back().data_ptr<E>();
     groups.push_back({ug.data_ptr<E>(), ug.stride(0), ug.size(0), ug.size(1),
-                      bg.defined() ? bg.data_ptr<E>() : nullptr, ys.back().data_ptr<E>()});
+                      bg.defined() ? bg.data_ptr<E>() : nullptr, y,
+                      merged ? n_total : ug.size(0)});
   }
   decode::run(x2.data_ptr<E>(), x2.stride(0), M, x2.size(1), vc.data_ptr<E>(), vc.stride(0),
               vc.size(1), groups);
@@ -479,17 +487,23 @@ std::vector<at::Tensor> decode_groups(const at::Tensor& x2, const std::vector<at
 }
 
 // y_g for every group, (M, N_g) each; us[g] (N_g, R_g), v_cat (K, sum R_g), biases[g] or undefined.
+// merged: one (M, sum N) tensor, the groups' columns side by side (written in place by the
+// decode kernels, concatenated otherwise).
 std::vector<at::Tensor> lowrank_2d(const at::Tensor& x2, const std::vector<at::Tensor>& us,
-                                   const at::Tensor& v_cat, const std::vector<at::Tensor>& biases) {
+                                   const at::Tensor& v_cat, const std::vector<at::Tensor>& biases,
+                                   bool merged) {
   const int64_t M = x2.size(0);
+  const auto out = [merged](std::vector<at::Tensor> ys) {
+    return merged && ys.size() > 1 ? std::vector<at::Tensor>{at::cat(ys, 1)} : ys;
+  };
   if (x2.scalar_type() == at::kFloat && M >= 1 && M <= decode::kMaxMF32 &&
       decode::f32_available())
-    return decode_groups<float>(x2, us, v_cat, biases);
+    return decode_groups<float>(x2, us, v_cat, biases, merged);
   if (x2.scalar_type() == at::kBFloat16) {
     if (M >= 1 && M <= decode::kMaxMBf16 && decode::bf16_available())
-      return decode_groups<c10::BFloat16>(x2, us, v_cat, biases);
-    if (x2.size(0) <= kOnePassMaxM) return small_m_typed<c10::BFloat16>(x2, us, v_cat, biases);
-    if (bf16::available()) return bf16_gemms(x2, us, v_cat, biases);
+      return decode_groups<c10::BFloat16>(x2, us, v_cat, biases, merged);
+    if (x2.size(0) <= kOnePassMaxM) return out(small_m_typed<c10::BFloat16>(x2, us, v_cat, biases));
+    if (bf16::available()) return out(bf16_gemms(x2, us, v_cat, biases));
   }
   // Otherwise: two library GEMMs per group, the bias fused into the second. Per
   // group (a column view of v_cat), not one GEMM over v_cat: the library picks its blocking by
@@ -502,7 +516,7 @@ std::vector<at::Tensor> lowrank_2d(const at::Tensor& x2, const std::vector<at::T
     ys.push_back(biases[g].defined() ? at::addmm(biases[g], t, us[g].t()) : at::mm(t, us[g].t()));
     r0 += R;
   }
-  return ys;
+  return out(ys);
 }
 
 // (..., K) -> (M, K) contiguous (a view when x already is); M from the leading dims, so K = 0 works.
@@ -542,14 +556,17 @@ at::Tensor lowrank_matmul_cpu(const at::Tensor& x, const at::Tensor& u, const at
   check_args("lowrank_matmul", x, u, v, bias);
   g_lowrank_calls.fetch_add(1, std::memory_order_relaxed);
   const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
-  auto ys = lowrank_2d(as_2d(x), {u}, v, {b});
+  auto ys = lowrank_2d(as_2d(x), {u}, v, {b}, false);
   return as_out(ys[0], x);
 }
 
-std::vector<at::Tensor> lowrank_matmul_grouped_cpu(const at::Tensor& x, at::TensorList us,
-                                                   const at::Tensor& v_cat,
-                                                   const c10::optional<at::Tensor>& bias_cat) {
-  const std::string op = "lowrank_matmul_grouped";
+namespace {
+
+// The checks of a grouped call (op names it in the message), then each group's bias (a view of
+// bias_cat, or undefined).
+std::vector<at::Tensor> grouped_biases(const std::string& op, const at::Tensor& x,
+                                       at::TensorList us, const at::Tensor& v_cat,
+                                       const c10::optional<at::Tensor>& bias_cat) {
   TORCH_CHECK_VALUE(!us.empty(), op, ": need at least one u, got an empty list");
   TORCH_CHECK_VALUE(v_cat.dim() == 2, op, ": v_cat must be 2-D, got ", shape_str(v_cat.sizes()));
   int64_t r_sum = 0, n_total = 0;
@@ -585,11 +602,29 @@ std::vector<at::Tensor> lowrank_matmul_grouped_cpu(const at::Tensor& x, at::Tens
     r0 += us[g].size(1);
     n0 += us[g].size(0);
   }
+  return biases;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> lowrank_matmul_grouped_cpu(const at::Tensor& x, at::TensorList us,
+                                                   const at::Tensor& v_cat,
+                                                   const c10::optional<at::Tensor>& bias_cat) {
+  const auto biases = grouped_biases("lowrank_matmul_grouped", x, us, v_cat, bias_cat);
   g_lowrank_calls.fetch_add(1, std::memory_order_relaxed);
-  std::vector<at::Tensor> uv(us.begin(), us.end());
-  auto ys = lowrank_2d(as_2d(x), uv, v_cat, biases);
+  auto ys = lowrank_2d(as_2d(x), {us.begin(), us.end()}, v_cat, biases, false);
   for (auto& y : ys) y = as_out(y, x);
   return ys;
+}
+
+// The groups' outputs side by side in one (..., sum N) tensor, as an engine's merged layer
+// (q/k/v, gate/up) returns them: the decode kernels write each group's columns in place.
+at::Tensor lowrank_matmul_merged_cpu(const at::Tensor& x, at::TensorList us,
+                                     const at::Tensor& v_cat,
+                                     const c10::optional<at::Tensor>& bias_cat) {
+  const auto biases = grouped_biases("lowrank_matmul_merged", x, us, v_cat, bias_cat);
+  g_lowrank_calls.fetch_add(1, std::memory_order_relaxed);
+  return as_out(lowrank_2d(as_2d(x), {us.begin(), us.end()}, v_cat, biases, true)[0], x);
 }
 
 bool lowrank_cpu_avx512() { return cpu_has_avx512(); }
@@ -597,6 +632,7 @@ bool lowrank_cpu_avx512() { return cpu_has_avx512(); }
 TORCH_LIBRARY_IMPL(pgsvd, CPU, m) {
   m.impl("lowrank_matmul", &lowrank_matmul_cpu);
   m.impl("lowrank_matmul_grouped", &lowrank_matmul_grouped_cpu);
+  m.impl("lowrank_matmul_merged", &lowrank_matmul_merged_cpu);
 }
 
 }  // namespace pgsvd

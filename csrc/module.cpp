@@ -37,7 +37,8 @@ pybind11::dict build_info() {
   d["with_cuda"] = false;
 #endif
   d["torch"] = std::string(TORCH_VERSION);
-  d["ops"] = pybind11::make_tuple("als_solve", "lowrank_matmul", "lowrank_matmul_grouped");
+  d["ops"] = pybind11::make_tuple("als_solve", "lowrank_matmul", "lowrank_matmul_grouped",
+                                 "lowrank_matmul_merged");
   d["cpu_avx512"] = pgsvd::lowrank_cpu_avx512();
   d["cpu_avx512_bf16"] = pgsvd::bf16::available();
   return d;

@@ -15,8 +15,9 @@ PGSVD leaves a projection dense past break-even, so one merged layer can mix bot
 - ``weight``: the dense shards' rows (only when some shard is dense),
 
 and :meth:`PGSVDLinearMethod.apply` calls ``pgsvd_rt.ops.lowrank_matmul`` (one factored
-shard) or ``lowrank_matmul_grouped`` (several: x is read once), so the Triton kernel serves on
-CUDA (captured by vLLM's CUDA graphs) and the native CPU kernel on CPU.
+shard) or ``lowrank_matmul_merged`` (several: x is read once, the shards' outputs side by side in
+one tensor; ``lowrank_matmul_grouped`` when a dense shard sits among them), so the Triton kernel
+serves on CUDA (captured by vLLM's CUDA graphs) and the native CPU kernel on CPU.
 
 Tensor parallelism (bytes read per rank, TP = t, dense W is N x K):
 
@@ -269,7 +270,7 @@ class PGSVDLinearMethod(LinearMethodBase):
         if not self.dense:
             if len(self.factored) == 1:
                 return ops.lowrank_matmul(x, layer.pgsvd_us[0], layer.v, bias)
-            return torch.cat(ops.lowrank_matmul_grouped(x, layer.pgsvd_us, layer.v, bias), -1)
+            return ops.lowrank_matmul_merged(x, layer.pgsvd_us, layer.v, bias)
         outs: dict[int, torch.Tensor] = {}
         if len(self.factored) == 1:
             outs[self.factored[0]] = ops.lowrank_matmul(x, layer.pgsvd_us[0], layer.v)

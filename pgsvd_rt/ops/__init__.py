@@ -10,6 +10,8 @@ op                      default (any device)         CPU                        
 ======================  ===========================  ==========================  ===================
 lowrank_matmul          ops/reference.py             csrc/lowrank_matmul_cpu.cpp kernels/ (Triton)
 lowrank_matmul_grouped  ops/_library.py (per group)  csrc/lowrank_matmul_cpu.cpp kernels/ (Triton)
+lowrank_matmul_merged   ops/_library.py (grouped,    csrc/lowrank_matmul_cpu.cpp grouped (Triton),
+                        concatenated)                                            concatenated
 als_solve               ops/reference.py             csrc/als_solve.cpp          csrc/als_solve.cpp
 lowrank_matmul_int8     ops/reference.py             torch's int8 weight-only    kernels/ (Triton,
                                                      GEMM (ops/_library.py)      int8 loads)
@@ -37,6 +39,7 @@ from pgsvd_rt.ops import (
 _backends.load_all()
 _LOWRANK = torch.ops.pgsvd.lowrank_matmul.default
 _GROUPED = torch.ops.pgsvd.lowrank_matmul_grouped.default
+_MERGED = torch.ops.pgsvd.lowrank_matmul_merged.default
 _INT8 = torch.ops.pgsvd.lowrank_matmul_int8.default
 
 
@@ -118,6 +121,21 @@ def lowrank_matmul_grouped(
     return _call(_GROUPED, x, list(us), v_cat, bias_cat)
 
 
+def lowrank_matmul_merged(
+    x: torch.Tensor,
+    us: list[torch.Tensor],
+    v_cat: torch.Tensor,
+    bias_cat: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`lowrank_matmul_grouped` with the outputs side by side in one tensor, as an
+    engine's merged layer (q/k/v, gate/up) returns them; same arguments.
+
+    Returns:
+        (..., N_1 + ... + N_G) in x's dtype: ``torch.cat(lowrank_matmul_grouped(...), -1)``.
+    """
+    return _call(_MERGED, x, list(us), v_cat, bias_cat)
+
+
 def lowrank_matmul_int8(
     x: torch.Tensor, u: torch.Tensor, u_scale: torch.Tensor, vt: torch.Tensor,
     vt_scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -136,5 +154,5 @@ def lowrank_matmul_int8(
     return _INT8(x, u, u_scale, vt, vt_scale, bias)
 
 
-__all__ = ["lowrank_matmul", "lowrank_matmul_grouped", "lowrank_matmul_int8", "als_solve",
-           "native_available"]
+__all__ = ["lowrank_matmul", "lowrank_matmul_grouped", "lowrank_matmul_merged",
+           "lowrank_matmul_int8", "als_solve", "native_available"]

@@ -154,21 +154,21 @@ def check_lowrank_matmul_grouped_args(
     us: list[torch.Tensor],
     v_cat: torch.Tensor,
     bias_cat: torch.Tensor | None,
+    op: str = "lowrank_matmul_grouped",
 ) -> None:
     if len(us) < 1:
-        raise ValueError("lowrank_matmul_grouped: need at least one u, got an empty list")
+        raise ValueError(f"{op}: need at least one u, got an empty list")
     if v_cat.dim() != 2:
-        raise ValueError(f"lowrank_matmul_grouped: v_cat must be 2-D, got {tuple(v_cat.shape)}")
+        raise ValueError(f"{op}: v_cat must be 2-D, got {tuple(v_cat.shape)}")
     ranks = [u.shape[1] if u.dim() == 2 else -1 for u in us]
     if sum(ranks) != v_cat.shape[1]:
         raise ValueError(
-            f"lowrank_matmul_grouped: ranks of us {ranks} sum to {sum(ranks)} but v_cat has "
-            f"R={v_cat.shape[1]}"
+            f"{op}: ranks of us {ranks} sum to {sum(ranks)} but v_cat has R={v_cat.shape[1]}"
         )
     n_total = sum(u.shape[0] for u in us)
     if bias_cat is not None and tuple(bias_cat.shape) != (n_total,):
         raise ValueError(
-            f"lowrank_matmul_grouped: bias_cat must have shape ({n_total},) (sum of N), got "
+            f"{op}: bias_cat must have shape ({n_total},) (sum of N), got "
             f"{tuple(bias_cat.shape)}"
         )
     for g, (u, v, b) in enumerate(zip(us, split_v(us, v_cat), split_bias(us, bias_cat),
@@ -176,7 +176,7 @@ def check_lowrank_matmul_grouped_args(
         try:
             check_lowrank_matmul_args(x, u, v, b)
         except (ValueError, TypeError) as exc:
-            raise type(exc)(f"lowrank_matmul_grouped (group {g}): {exc}") from None
+            raise type(exc)(f"{op} (group {g}): {exc}") from None
 
 
 def split_v(us, v_cat):
@@ -241,6 +241,43 @@ def _lowrank_matmul_grouped_backward(ctx, grad_ys):
 torch.library.register_autograd(
     "pgsvd::lowrank_matmul_grouped",
     _lowrank_matmul_grouped_backward,
+    setup_context=_lowrank_matmul_grouped_setup_context,
+    lib=_lib,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# lowrank_matmul_merged: lowrank_matmul_grouped with the groups' outputs side by side in one
+# (..., N_1 + ... + N_G) tensor, as an engine's merged layer (q/k/v, gate/up) returns it: the
+# CPU decode kernels write each group's columns in place (no concatenation, one allocation).
+# ---------------------------------------------------------------------------------------------
+_lib.define(
+    "lowrank_matmul_merged(Tensor x, Tensor[] us, Tensor v_cat, Tensor? bias_cat=None) -> Tensor"
+)
+
+
+@torch.library.register_fake("pgsvd::lowrank_matmul_merged", lib=_lib)
+def _lowrank_matmul_merged_fake(x, us, v_cat, bias_cat=None):
+    check_lowrank_matmul_grouped_args(x, us, v_cat, bias_cat, "lowrank_matmul_merged")
+    return x.new_empty((*x.shape[:-1], sum(u.shape[0] for u in us)))
+
+
+@torch.library.register_kernel("pgsvd::lowrank_matmul_merged", None, lib=_lib)
+def _lowrank_matmul_merged_default(x, us, v_cat, bias_cat=None):
+    """The grouped op of the tensors' device (Triton on CUDA), concatenated."""
+    check_lowrank_matmul_grouped_args(x, us, v_cat, bias_cat, "lowrank_matmul_merged")
+    return torch.cat(torch.ops.pgsvd.lowrank_matmul_grouped(x, us, v_cat, bias_cat), -1)
+
+
+def _lowrank_matmul_merged_backward(ctx, grad_y):
+    _, v_cat, *us = ctx.saved_tensors
+    grads = grad_y.split([u.shape[0] for u in us], -1)
+    return _lowrank_matmul_grouped_backward(ctx, grads)
+
+
+torch.library.register_autograd(
+    "pgsvd::lowrank_matmul_merged",
+    _lowrank_matmul_merged_backward,
     setup_context=_lowrank_matmul_grouped_setup_context,
     lib=_lib,
 )

@@ -1,4 +1,4 @@
-"""Native CPU kernels of pgsvd::lowrank_matmul(_grouped) (csrc/lowrank_matmul_cpu.cpp).
+"""Native CPU kernels of pgsvd::lowrank_matmul(_grouped, _merged) (csrc/lowrank_matmul_cpu.cpp).
 
 Every case goes through the dispatcher (``ops.lowrank_matmul`` on CPU tensors) and checks that
 the C++ kernel served it (its call counter), then holds the result to the 2x-PyTorch rule of
@@ -92,6 +92,25 @@ def test_native_grouped_matches_fp64(M, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 3, 5, 40])
+def test_native_merged_is_grouped_side_by_side(M, dtype):
+    """One (..., sum N) output: the decode kernels write each group's columns in place (M <= 4
+    in bf16, <= 16 in fp32), the other paths concatenate; bit for bit the grouped outputs."""
+    g = torch.Generator().manual_seed(M)
+    K, shapes = 300, [(41, 7), (16, 1), (24, 37)]
+    x = torch.randn(M, K, generator=g).to(dtype)
+    x = x.view(M, 1, K) if M == 3 else x  # leading dims: (3, 1, K) -> (3, 1, 81)
+    us = [(torch.randn(N, R, generator=g) / R**0.5).to(dtype) for N, R in shapes]
+    v_cat = (torch.randn(K, 45, generator=g) / K**0.5).to(dtype)
+    bias_cat = torch.randn(81, generator=g).to(dtype)
+    for b in (bias_cat, None):
+        y = _served_natively(lambda: ops.lowrank_matmul_merged(x, us, v_cat, b))
+        assert y.shape == (*x.shape[:-1], 81)
+        want = torch.cat(ops.lowrank_matmul_grouped(x, us, v_cat, b), -1)
+        torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 4])
 def test_opcheck_native(M, dtype):
     x, u, v, b = lowrank_factors(M, 37, 41, 7, dtype, "cpu", True, "contig", seed=2)
@@ -101,6 +120,7 @@ def test_opcheck_native(M, dtype):
     us = [u, u[:5, :3].contiguous()]
     v_cat = torch.cat([v, v[:, :3]], 1)
     torch.library.opcheck(torch.ops.pgsvd.lowrank_matmul_grouped.default, (x, us, v_cat, None))
+    torch.library.opcheck(torch.ops.pgsvd.lowrank_matmul_merged.default, (x, us, v_cat, None))
 
 
 def test_compile_native_cpu():
@@ -137,6 +157,8 @@ def test_native_grouped_bad_input_names_the_group():
     x, u, v, b = lowrank_factors(1, 37, 41, 7, torch.float32, "cpu", False, "contig", seed=5)
     with pytest.raises(TypeError, match=r"group 1\): lowrank_matmul: u dtype torch.float64"):
         torch.ops.pgsvd.lowrank_matmul_grouped.default(x, [u, u.double()], torch.cat([v, v], 1))
+    with pytest.raises(TypeError, match=r"merged \(group 1\): lowrank_matmul: u dtype"):
+        torch.ops.pgsvd.lowrank_matmul_merged.default(x, [u, u.double()], torch.cat([v, v], 1))
 
 
 def test_package_works_without_native():

@@ -1,5 +1,6 @@
-"""pgsvd::lowrank_matmul and pgsvd::lowrank_matmul_grouped: contract, opcheck, compile, autograd,
-and grouped projections in a tiny LLaMA (CPU: the default kernels; GPU tests marked ``gpu``)."""
+"""pgsvd::lowrank_matmul, pgsvd::lowrank_matmul_grouped and pgsvd::lowrank_matmul_merged:
+contract, opcheck, compile, autograd, and grouped projections in a tiny LLaMA (CPU: the default
+kernels; GPU tests marked ``gpu``)."""
 
 import pytest
 import torch
@@ -62,6 +63,14 @@ def test_grouped_contract_errors():
         ops.lowrank_matmul_grouped(x, [], v)
 
 
+def test_merged_contract_errors_name_the_op():
+    x, u, v, b = _factors()
+    with pytest.raises(ValueError, match=r"lowrank_matmul_merged: ranks of us \[2, 2\] sum to 4"):
+        ops.lowrank_matmul_merged(x, [u, u], v, None)
+    with pytest.raises(TypeError, match=r"lowrank_matmul_merged \(group 1\).*torch.float64"):
+        ops.lowrank_matmul_merged(x, [u, u.double()], torch.cat([v, v], 1))
+
+
 # ------------------------------------------------------------------------------ opcheck
 @pytest.mark.parametrize(
     "xshape,bias", [((3, 8), True), ((2, 3, 8), False), ((8,), True), ((1, 8), False)]
@@ -87,6 +96,27 @@ def test_opcheck_lowrank_matmul_grouped():
                               (req[0], req[1:3], req[3], req[4]))
 
 
+def test_opcheck_lowrank_matmul_merged():
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    us = [torch.randn(5, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)]
+    v_cat = torch.randn(8, 5, dtype=torch.float64)
+    for bias_cat in (torch.randn(9, dtype=torch.float64), None):
+        for grad in (False, True):
+            req = [t.clone().requires_grad_(grad) if t is not None else None
+                   for t in (x, *us, v_cat, bias_cat)]
+            torch.library.opcheck(torch.ops.pgsvd.lowrank_matmul_merged.default,
+                                  (req[0], req[1:3], req[3], req[4]))
+
+
+def test_merged_equals_grouped_side_by_side():
+    x = torch.randn(2, 4, 8)
+    us, v_cat, b = [torch.randn(5, 2), torch.randn(3, 1)], torch.randn(8, 3), torch.randn(8)
+    y = ops.lowrank_matmul_merged(x, us, v_cat, b)
+    assert y.shape == (2, 4, 8)
+    torch.testing.assert_close(y, torch.cat(ops.lowrank_matmul_grouped(x, us, v_cat, b), -1),
+                               rtol=0, atol=0)
+
+
 def test_grouped_default_equals_separate():
     x = torch.randn(4, 8)
     us, vs = [torch.randn(5, 2), torch.randn(3, 1)], [torch.randn(8, 2), torch.randn(8, 1)]
@@ -106,6 +136,8 @@ def test_gradcheck_fp64():
     b2 = torch.randn(5, dtype=torch.float64, requires_grad=True)
     fn = lambda *a: tuple(ops.lowrank_matmul_grouped(a[0], [a[1], a[2]], a[3], a[4]))  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x3, u, u2, v_cat, b2))
+    merged = lambda *a: ops.lowrank_matmul_merged(a[0], [a[1], a[2]], a[3], a[4])  # noqa: E731
+    assert torch.autograd.gradcheck(merged, (x3, u, u2, v_cat, b2))
 
 
 # ------------------------------------------------------------------------------ torch.compile
@@ -117,7 +149,8 @@ def test_compile_fullgraph_matches_eager():
     def fn(x):
         y = torch.relu(ops.lowrank_matmul(x, u, v, b))
         q, k = ops.lowrank_matmul_grouped(x, us, v_cat, torch.cat([b, b[:7]]))
-        return y * 2 + q, k
+        qk = ops.lowrank_matmul_merged(x, us, v_cat, None)
+        return y * 2 + q, k, qk.relu()
 
     compiled = torch.compile(fn, fullgraph=True, backend="inductor")
     for got, want in zip(compiled(x), fn(x), strict=True):
