@@ -502,7 +502,7 @@ std::vector<at::Tensor> lowrank_2d(const at::Tensor& x2, const std::vector<at::T
   if (x2.scalar_type() == at::kBFloat16) {
     if (M >= 1 && M <= decode::kMaxMBf16 && decode::bf16_available())
       return decode_groups<c10::BFloat16>(x2, us, v_cat, biases, merged);
-    if (x2.size(0) <= kOnePassMaxM) return out(small_m_typed<c10::BFloat16>(x2, us, v_cat, biases));
+    if (M <= kOnePassMaxM) return out(small_m_typed<c10::BFloat16>(x2, us, v_cat, biases));
     if (bf16::available()) return out(bf16_gemms(x2, us, v_cat, biases));
   }
   // Otherwise: two library GEMMs per group, the bias fused into the second. Per
@@ -549,19 +549,6 @@ bool grouped_args_ok(const at::Tensor& x, at::TensorList us, const at::Tensor& v
   return true;
 }
 
-}  // namespace
-
-at::Tensor lowrank_matmul_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
-                              const c10::optional<at::Tensor>& bias) {
-  check_args("lowrank_matmul", x, u, v, bias);
-  g_lowrank_calls.fetch_add(1, std::memory_order_relaxed);
-  const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
-  auto ys = lowrank_2d(as_2d(x), {u}, v, {b}, false);
-  return as_out(ys[0], x);
-}
-
-namespace {
-
 // The checks of a grouped call (op names it in the message), then each group's bias (a view of
 // bias_cat, or undefined).
 std::vector<at::Tensor> grouped_biases(const std::string& op, const at::Tensor& x,
@@ -606,6 +593,15 @@ std::vector<at::Tensor> grouped_biases(const std::string& op, const at::Tensor& 
 }
 
 }  // namespace
+
+at::Tensor lowrank_matmul_cpu(const at::Tensor& x, const at::Tensor& u, const at::Tensor& v,
+                              const c10::optional<at::Tensor>& bias) {
+  check_args("lowrank_matmul", x, u, v, bias);
+  g_lowrank_calls.fetch_add(1, std::memory_order_relaxed);
+  const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+  auto ys = lowrank_2d(as_2d(x), {u}, v, {b}, false);
+  return as_out(ys[0], x);
+}
 
 std::vector<at::Tensor> lowrank_matmul_grouped_cpu(const at::Tensor& x, at::TensorList us,
                                                    const at::Tensor& v_cat,

@@ -270,7 +270,7 @@ def _lowrank_matmul_merged_default(x, us, v_cat, bias_cat=None):
 
 
 def _lowrank_matmul_merged_backward(ctx, grad_y):
-    _, v_cat, *us = ctx.saved_tensors
+    _, _, *us = ctx.saved_tensors
     grads = grad_y.split([u.shape[0] for u in us], -1)
     return _lowrank_matmul_grouped_backward(ctx, grads)
 
