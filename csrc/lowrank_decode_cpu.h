@@ -1,6 +1,6 @@
 // The decode kernels of the CPU low-rank op (csrc/lowrank_decode_cpu.cpp), used by
-// csrc/lowrank_matmul_cpu.cpp for 1 <= M <= kMaxMBf16 rows in bf16 (AVX512-BF16) and
-// 1 <= M <= kMaxMF32 in fp32 (AVX-512).
+// csrc/lowrank_matmul_cpu.cpp for 1 <= M <= max_rows_bf16() rows in bf16 and
+// 1 <= M <= max_rows_f32() in fp32 (AVX-512 kernels where the CPU has them, AVX2 otherwise).
 // Why they exist and what they cost is in the .cpp header.
 #pragma once
 
@@ -11,9 +11,8 @@
 
 namespace pgsvd::decode {
 
-// Up to where each beat the GEMM path in a model's decode step (benchmarks/bench_layers.py).
-constexpr int64_t kMaxMBf16 = 4;
-constexpr int64_t kMaxMF32 = 16;
+// Rows of v per sweep of the bands in phase 1 (even), shared by the kernel sets.
+constexpr int64_t kChunk = 64;
 
 // One projection: u (N, R) with row stride ldu, bias (N,) or nullptr, y (M, N) with row stride
 // ldy (N for an output of its own, the sum of N when the groups share one); its columns of
@@ -27,9 +26,14 @@ struct Group {
   int64_t ldy;
 };
 
-// True when this build has the kernel and the CPU runs what it needs.
-bool bf16_available();
-bool f32_available();
+// Up to how many rows the decode kernels serve each dtype on this CPU (0: none), up to where
+// each beat the GEMM path in a model's decode step (benchmarks/bench_layers.py): AVX512-BF16
+// bf16 4, AVX-512 fp32 16, AVX2 8 for both.
+int64_t max_rows_bf16();
+int64_t max_rows_f32();
+
+// Serve with the AVX2 kernels even where AVX-512 ones exist (tests cover both on one CPU).
+void force_avx2(bool on);
 
 // Every group's y_g = (x @ v)[:, its columns] @ u_g.T + bias_g in one parallel region.
 // x: (M, K), row stride ldx; v: (K, Rt), row stride ldv, Rt = sum of the groups' R.

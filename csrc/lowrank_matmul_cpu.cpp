@@ -496,11 +496,10 @@ std::vector<at::Tensor> lowrank_2d(const at::Tensor& x2, const std::vector<at::T
   const auto out = [merged](std::vector<at::Tensor> ys) {
     return merged && ys.size() > 1 ? std::vector<at::Tensor>{at::cat(ys, 1)} : ys;
   };
-  if (x2.scalar_type() == at::kFloat && M >= 1 && M <= decode::kMaxMF32 &&
-      decode::f32_available())
+  if (x2.scalar_type() == at::kFloat && M >= 1 && M <= decode::max_rows_f32())
     return decode_groups<float>(x2, us, v_cat, biases, merged);
   if (x2.scalar_type() == at::kBFloat16) {
-    if (M >= 1 && M <= decode::kMaxMBf16 && decode::bf16_available())
+    if (M >= 1 && M <= decode::max_rows_bf16())
       return decode_groups<c10::BFloat16>(x2, us, v_cat, biases, merged);
     if (M <= kOnePassMaxM) return out(small_m_typed<c10::BFloat16>(x2, us, v_cat, biases));
     if (bf16::available()) return out(bf16_gemms(x2, us, v_cat, biases));
@@ -508,12 +507,20 @@ std::vector<at::Tensor> lowrank_2d(const at::Tensor& x2, const std::vector<at::T
   // Otherwise: two library GEMMs per group, the bias fused into the second. Per
   // group (a column view of v_cat), not one GEMM over v_cat: the library picks its blocking by
   // shape, and this keeps every group's rounding that of the reference (x is tiny next to v).
+  // bf16 without AVX-512: torch's bf16 GEMM has no fast path there (13 ms for one 32-token
+  // down_proj of SmolLM2 pgsvd-40 on an AMD EPYC Zen 3), so the GEMMs run in fp32 on widened
+  // copies (t is not rounded to bf16 between them) and y is rounded once.
+  const bool widen = x2.scalar_type() == at::kBFloat16 && !cpu_has_avx512();
+  const auto w = [widen](const at::Tensor& t) { return widen && t.defined() ? t.to(at::kFloat) : t; };
+  const at::Tensor xw = w(x2), vw = w(v_cat);
   std::vector<at::Tensor> ys;
   int64_t r0 = 0;
   for (size_t g = 0; g < us.size(); ++g) {
     const int64_t R = us[g].size(1);
-    const at::Tensor t = at::mm(x2, us.size() == 1 ? v_cat : v_cat.narrow(1, r0, R));
-    ys.push_back(biases[g].defined() ? at::addmm(biases[g], t, us[g].t()) : at::mm(t, us[g].t()));
+    const at::Tensor t = at::mm(xw, us.size() == 1 ? vw : vw.narrow(1, r0, R));
+    const at::Tensor ug = w(us[g]).t(), bg = w(biases[g]);
+    const at::Tensor y = bg.defined() ? at::addmm(bg, t, ug) : at::mm(t, ug);
+    ys.push_back(widen ? y.to(x2.scalar_type()) : y);
     r0 += R;
   }
   return out(ys);

@@ -16,6 +16,11 @@ bool lowrank_cpu_avx512();                    // lowrank_matmul_cpu.cpp
 namespace bf16 {
 bool available();                             // lowrank_bf16_cpu.cpp
 }  // namespace bf16
+namespace decode {
+int64_t max_rows_bf16();                      // lowrank_decode_cpu.cpp
+int64_t max_rows_f32();
+void force_avx2(bool on);
+}  // namespace decode
 }  // namespace pgsvd
 
 namespace {
@@ -41,6 +46,8 @@ pybind11::dict build_info() {
                                  "lowrank_matmul_merged");
   d["cpu_avx512"] = pgsvd::lowrank_cpu_avx512();
   d["cpu_avx512_bf16"] = pgsvd::bf16::available();
+  d["decode_max_rows"] = pybind11::make_tuple(pgsvd::decode::max_rows_bf16(),
+                                              pgsvd::decode::max_rows_f32());
   return d;
 }
 
@@ -48,7 +55,10 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pgsvd_rt native kernels; importing registers CPU (and CUDA) impls of pgsvd ops";
-  m.def("build_info", &build_info, "compiler, with_cuda, torch version, ops, cpu_avx512(_bf16)");
+  m.def("build_info", &build_info,
+        "compiler, with_cuda, torch version, ops, cpu_avx512(_bf16), decode_max_rows (bf16, fp32)");
+  m.def("decode_force_avx2", &pgsvd::decode::force_avx2, pybind11::arg("on"),
+        "serve the decode kernels with the AVX2 set even on an AVX-512 CPU (tests cover both)");
   m.def(
       "native_calls", [] { return pgsvd::g_native_calls.load(std::memory_order_relaxed); },
       "number of als_solve calls served by this extension (to verify dispatch)");

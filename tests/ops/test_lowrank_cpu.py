@@ -3,7 +3,9 @@
 Every case goes through the dispatcher (``ops.lowrank_matmul`` on CPU tensors) and checks that
 the C++ kernel served it (its call counter), then holds the result to the 2x-PyTorch rule of
 tests/accuracy.py against fp64, in fp32 and bf16 (whose torch error is bf16 rounding of both
-matmuls). Paths on an AVX512-BF16 CPU: the decode kernels of csrc/lowrank_decode_cpu.cpp for
+matmuls). The decode cases run twice (``decode_isa``): with the kernels this CPU picks and with
+the AVX2 set forced (on an AVX-512 CPU the only way to test it; AVX2 CPUs run it either way:
+both dtypes at M <= 8, then fp32 GEMMs for bf16). Paths on an AVX512-BF16 CPU: the decode kernels of csrc/lowrank_decode_cpu.cpp for
 bf16 at M <= 4 and fp32 at M <= 16 (M = 1, 3, 5, 8, 11, 16: band widths, one or two chains;
 R = 1, 7, 37, 64 strips and odd-R pairs; odd K the unpaired last row; K = 1000 the K split across
 threads and several 64-row chunks), the AVX512-BF16 GEMMs of csrc/lowrank_bf16_cpu.cpp for bf16
@@ -29,6 +31,23 @@ DTYPES = [torch.float32, torch.bfloat16]
 LAYOUTS = ("contig", "sliced", "transposed")
 
 
+@pytest.fixture(params=["auto", "avx2"])
+def decode_isa(request):
+    """The decode kernels this CPU picks, or the AVX2 set forced (csrc/decode_avx2.h)."""
+    _native.module.decode_force_avx2(request.param == "avx2")
+    yield request.param
+    _native.module.decode_force_avx2(False)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f
+                         if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
 def _served_natively(fn):
     before = _native.module.lowrank_calls()
     out = fn()
@@ -48,7 +67,7 @@ CASES += [(8, 1000, 130, 37, True, "contig"), (16, 37, 41, 64, False, "sliced"),
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,K,N,R,bias,layout", CASES)
-def test_native_matches_fp64(M, K, N, R, bias, layout, dtype):
+def test_native_matches_fp64(M, K, N, R, bias, layout, dtype, decode_isa):
     x, u, v, b = lowrank_factors(M, K, N, R, dtype, "cpu", bias, layout, seed=M * 100 + R + K)
     y = _served_natively(lambda: ops.lowrank_matmul(x, u, v, b))
     check_lowrank(y, x, u, v, b)
@@ -77,7 +96,7 @@ def test_native_empty(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 5, 40])
-def test_native_grouped_matches_fp64(M, dtype):
+def test_native_grouped_matches_fp64(M, dtype, decode_isa):
     """q/k/v-like groups (different N and R, one without bias) from one v_cat."""
     g = torch.Generator().manual_seed(M)
     K, shapes = 300, [(41, 7), (16, 1), (24, 37)]
@@ -93,7 +112,7 @@ def test_native_grouped_matches_fp64(M, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 3, 5, 40])
-def test_native_merged_is_grouped_side_by_side(M, dtype):
+def test_native_merged_is_grouped_side_by_side(M, dtype, decode_isa):
     """One (..., sum N) output: the decode kernels write each group's columns in place (M <= 4
     in bf16, <= 16 in fp32), the other paths concatenate; bit for bit the grouped outputs."""
     g = torch.Generator().manual_seed(M)
@@ -108,6 +127,25 @@ def test_native_merged_is_grouped_side_by_side(M, dtype):
         assert y.shape == (*x.shape[:-1], 81)
         want = torch.cat(ops.lowrank_matmul_grouped(x, us, v_cat, b), -1)
         torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+def test_decode_kernels_serve_where_the_cpu_can():
+    """A CPU with AVX2 + FMA gets decode kernels for both dtypes (no slow portable path), and
+    forcing the AVX2 set keeps them on such a CPU."""
+    flags = _cpu_flags()
+    if not {"avx2", "fma"} <= flags:
+        pytest.skip("no AVX2 + FMA (or no /proc/cpuinfo)")
+    rows = _native.module.build_info()["decode_max_rows"]  # (bf16, fp32)
+    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        # bf16 without AVX512-BF16: the one-pass AVX-512 kernel of lowrank_matmul_cpu.cpp
+        assert rows == ((4, 16) if "avx512_bf16" in flags else (0, 16))
+    else:
+        assert rows == (8, 8)
+    _native.module.decode_force_avx2(True)
+    try:
+        assert _native.module.build_info()["decode_max_rows"] == (8, 8)
+    finally:
+        _native.module.decode_force_avx2(False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
