@@ -15,8 +15,10 @@ interleaved round by round:
   version;
 - ``dense``: ``F.linear`` on dense weights of the merged shapes (random values: latency does
   not depend on them);
-- ``dense-onednn``: vLLM's CPU GEMM for dense layers (prepacked oneDNN, ``onednn_mm``), the peer
-  inside vLLM, when vLLM is installed.
+- ``dense-vllm``: what vLLM's dense layers call on this CPU, the peer inside vLLM, when vLLM is
+  installed (``dispatch_cpu_unquantized_gemm``: prepacked oneDNN where it builds the primitive,
+  which bf16 needs AVX-512 for, else torch's linear). Reports before 2026-12-04 called it
+  ``dense-onednn`` (oneDNN on an AVX512-BF16 CPU).
 
 Per layer kind (qkv, o, gate/up, down): median ms per step, bytes per step and GB/s; for the
 whole step the time ratio of each dense provider to ``op`` beside the bytes ratio (the ideal), and
@@ -86,14 +88,17 @@ def providers(layers: list[dict]) -> dict:
     out = {"op": op, "two-matmul": two_matmul,
            "dense": lambda ly, x: torch.nn.functional.linear(x, ly["W"], ly["bias"])}
     try:
-        from vllm import _custom_ops as vops
-
-        if getattr(vops, "_supports_onednn", False):
-            for ly in layers:
-                ly["onednn"] = vops.create_onednn_mm(ly["W"].t(), 32)
-            out["dense-onednn"] = lambda ly, x: vops.onednn_mm(ly["onednn"], x, ly["bias"])
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
     except ImportError:
-        pass
+        return out
+    for ly in layers:  # what vLLM's dense layers call on this CPU
+        m = torch.nn.Module()
+        m.weight = torch.nn.Parameter(ly["W"], requires_grad=False)
+        m.bias = None if ly["bias"] is None else torch.nn.Parameter(ly["bias"].clone(),
+                                                                    requires_grad=False)
+        dispatch_cpu_unquantized_gemm(m, remove_weight=False)
+        ly["vllm"] = m
+    out["dense-vllm"] = lambda ly, x: ly["vllm"].cpu_linear(x, ly["vllm"].weight, ly["vllm"].bias)
     return out
 
 
