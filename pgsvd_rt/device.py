@@ -12,8 +12,26 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _simd_level() -> str | None:
+    """The x86 vector level the CPU kernels pick by (AVX512-BF16, AVX-512, AVX2), from the
+    kernel's CPU flags; None elsewhere. Two CPUs of one model name can differ in it (an "AMD
+    EPYC" is Zen 3 with AVX2 or Zen 4 with AVX512-BF16), and the kernels that run do too."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(ln.split(":", 1)[1].split()) for ln in f
+                          if ln.startswith("flags")), set())
+    except OSError:
+        return None
+    for level, need in (("AVX512-BF16", {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}),
+                        ("AVX-512", {"avx512f", "avx512bw", "avx512vl"}), ("AVX2", {"avx2", "fma"})):
+        if need <= flags:
+            return level
+    return None
+
+
 def device_name(device: str | None = None) -> str:
-    """GPU name, or ``CPU: <model>, <threads> torch threads (<n> logical cpus)``."""
+    """GPU name, or ``CPU: <model> (<simd level>), <threads> torch threads (<n> logical cpus)``
+    (the level since 2026-12-04: earlier CPU results are named by the model alone)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -24,6 +42,8 @@ def device_name(device: str | None = None) -> str:
                      if ln.startswith("Model name"))
     except Exception:  # no lscpu, or no model line: keep the platform's word
         pass
+    level = _simd_level()
+    model = f"{model} ({level})" if level else model
     return f"CPU: {model}, {torch.get_num_threads()} torch threads ({os.cpu_count()} logical cpus)"
 
 
