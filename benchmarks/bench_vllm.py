@@ -165,14 +165,16 @@ def paired(r: dict, dense: dict, c) -> tuple[float, float, float]:
 
 def to_markdown(rep: dict) -> str:
     m = rep["meta"]
-    lines = [f"# vLLM serving on {m['device']} ({m['date']}): {m['model']}", "",
-             f"vLLM {m['vllm']}, {'compiled' if m['compile'] else 'eager'}, "
-             f"tensor parallel {m.get('tp', 1)}, prompt {m['prompt']} "
-             f"tokens, {m['new_tokens']} new tokens per request, median of {m['rounds']} rounds "
-             "(engines kept alive, variants taking turns). Command: `python benchmarks/"
-             "bench_vllm.py` (see its header). tok/s = output tokens/s over all requests; "
-             "ratio = median tok/s over dense's; paired = median over rounds of the ratio to "
-             "dense in the same round (range in brackets); frac ideal = paired / ideal.", ""]
+    lines = [f"# vLLM serving on {m['device']} ({m['date']}): {m['model']}", ""]
+    if m.get("note"):  # what the numbers alone do not say (the commit measured, the machine)
+        lines += [m["note"], ""]
+    lines += [f"vLLM {m['vllm']}, {'compiled' if m['compile'] else 'eager'}, "
+              f"tensor parallel {m.get('tp', 1)}, prompt {m['prompt']} "
+              f"tokens, {m['new_tokens']} new tokens per request, median of {m['rounds']} rounds "
+              "(engines kept alive, variants taking turns). Command: `python benchmarks/"
+              "bench_vllm.py` (see its header). tok/s = output tokens/s over all requests; "
+              "ratio = median tok/s over dense's; paired = median over rounds of the ratio to "
+              "dense in the same round (range in brackets); frac ideal = paired / ideal.", ""]
     for dtype, rows in rep["results"].items():
         cs = m["concurrency"]
         lines += [f"## {dtype}", "",
@@ -221,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--tp-reduce", choices=["output", "rank", "both"], default="output",
                    help="the factored checkpoints' row-parallel reduction (see the header)")
+    p.add_argument("--note", default="", help="a line for the report: what the numbers alone "
+                   "do not say (the commit, the machine)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -245,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     "checkpoints": ckpts, "vllm": vllm.__version__, "compile": a.compile,
                     "prompt": a.prompt, "new_tokens": a.new_tokens, "rounds": a.rounds,
                     "concurrency": a.concurrency, "tp": a.tp, "tp_reduce": a.tp_reduce,
+                    "note": a.note,
                     **benchlib.versions()}, "results": {}}
     stem = os.path.join(a.out, f"{benchlib.device_slug(device)}-{benchlib.today()}-vllm-"
                                f"{a.model}" + (f"-tp{a.tp}" if a.tp > 1 else ""))
