@@ -79,12 +79,17 @@ def test_grouped_matches_separate(lowrank_kernels, kernel_device, M):
 
 
 def test_grouped_more_groups_than_one_launch(lowrank_kernels, kernel_device):
-    G = lowrank_kernels.MAX_GROUPS + 1
-    gen = torch.Generator().manual_seed(0)  # seeded like every case above (the bound is a ratio
-    # of two max errors; on a problem this small it is exceeded by chance for ~5% of random draws)
-    x = torch.randn(3, 37, generator=gen).to(kernel_device)
-    us = [torch.randn(16 + g, 2 + g, generator=gen).to(kernel_device) for g in range(G)]
-    vs = [torch.randn(37, 2 + g, generator=gen).to(kernel_device) for g in range(G)]
+    # K = 300, factors scaled as lowrank_factors scales them: at K = 37 a group's ratio of the two
+    # max errors (ours over torch's) is noise between 0.7 and 2.7, torch's own error depending on
+    # the order its BLAS sums in, and the worst of the MAX_GROUPS + 1 groups broke the 2x bound
+    # for 2-3 of 12 seeds on an AMD EPYC Zen 3 (AVX2), seed 0 among them; at K = 300 the kernel's
+    # blocked sums stay below torch's error (0.34-0.94 over the same 12 seeds).
+    G, K = lowrank_kernels.MAX_GROUPS + 1, 300
+    gen = torch.Generator().manual_seed(0)  # seeded like every case above
+    x = torch.randn(3, K, generator=gen).to(kernel_device)
+    us = [(torch.randn(16 + g, 2 + g, generator=gen) / (2 + g) ** 0.5).to(kernel_device)
+          for g in range(G)]
+    vs = [(torch.randn(K, 2 + g, generator=gen) / K**0.5).to(kernel_device) for g in range(G)]
     ys = lowrank_kernels.lowrank_matmul_grouped_triton(x, us, torch.cat(vs, 1), None)
     for y, u, v in zip(ys, us, vs, strict=True):
         _check(y, x, u, v, None)
