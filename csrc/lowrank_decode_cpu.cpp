@@ -7,8 +7,9 @@
 //
 // A decode step is memory-bound: the factors are read once and each element is used M times, so
 // the kernel must issue few instructions per byte to keep up with memory. The one-pass kernel of
-// csrc/lowrank_matmul_cpu.cpp (still the path without AVX512-BF16) widens every bf16 element with
-// a shuffle and a shift: 32 GB/s from cache against oneDNN's 76 on a 2.2 MB layer (AMD EPYC).
+// csrc/lowrank_matmul_cpu.cpp (still the bf16 path on AVX-512 without AVX512-BF16) widens every
+// bf16 element with a shuffle and a shift: 32 GB/s from cache against oneDNN's 76 on a 2.2 MB
+// layer (AMD EPYC Zen 4).
 // Here each instruction on the factors is a VDPBF16PS on 32 of them:
 //   phase 1 (t = x @ v_cat): K is split across threads, each streaming its own rows of v into a
 //     private fp32 partial, in bands of up to 8 strips of 32 columns whose accumulators stay in

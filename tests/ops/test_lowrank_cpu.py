@@ -5,13 +5,13 @@ the C++ kernel served it (its call counter), then holds the result to the 2x-PyT
 tests/accuracy.py against fp64, in fp32 and bf16 (whose torch error is bf16 rounding of both
 matmuls). The decode cases run twice (``decode_isa``): with the kernels this CPU picks and with
 the AVX2 set forced (on an AVX-512 CPU the only way to test it; AVX2 CPUs run it either way:
-both dtypes at M <= 8, then fp32 GEMMs for bf16). Paths on an AVX512-BF16 CPU: the decode kernels of csrc/lowrank_decode_cpu.cpp for
-bf16 at M <= 4 and fp32 at M <= 16 (M = 1, 3, 5, 8, 11, 16: band widths, one or two chains;
+both dtypes at M <= 8, then fp32 GEMMs for bf16). Paths on an AVX512-BF16 CPU: the decode
+kernels of csrc/lowrank_decode_cpu.cpp for bf16 at M <= 4 and fp32 at M <= 16 (M = 1, 3, 5, 8, 11, 16: band widths, one or two chains;
 R = 1, 7, 37, 64 strips and odd-R pairs; odd K the unpaired last row; K = 1000 the K split across
 threads and several 64-row chunks), the AVX512-BF16 GEMMs of csrc/lowrank_bf16_cpu.cpp for bf16
 at M >= 5 (M = 5, 13, 17, 130 cross its 12-row and 6-row blocks, N = 41, 64, 130 its 64-row
-blocks), library GEMMs for fp32 above 16. Without AVX512-BF16 the one-pass kernel serves bf16 at
-M <= 4 (fp64/fp32 accumulation, one rounding).
+blocks), library GEMMs for fp32 above 16. On AVX-512 without AVX512-BF16 the one-pass kernel
+serves bf16 at M <= 4 (fp64/fp32 accumulation, one rounding).
 """
 
 import os
