@@ -12,16 +12,21 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _simd_level() -> str | None:
-    """The x86 vector level the CPU kernels pick by (AVX512-BF16, AVX-512, AVX2), from the
-    kernel's CPU flags; None elsewhere. Two CPUs of one model name can differ in it (an "AMD
-    EPYC" is Zen 3 with AVX2 or Zen 4 with AVX512-BF16), and the kernels that run do too."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as the kernel reports them (/proc/cpuinfo); empty elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((set(ln.split(":", 1)[1].split()) for ln in f
-                          if ln.startswith("flags")), set())
+            return next((set(ln.split(":", 1)[1].split()) for ln in f
+                         if ln.startswith("flags")), set())
     except OSError:
-        return None
+        return set()
+
+
+def _simd_level() -> str | None:
+    """The x86 vector level the CPU kernels pick by (AVX512-BF16, AVX-512, AVX2), from
+    :func:`cpu_flags`; None elsewhere. Two CPUs of one model name can differ in it (an "AMD
+    EPYC" is Zen 3 with AVX2 or Zen 4 with AVX512-BF16), and the kernels that run do too."""
+    flags = cpu_flags()
     for level, need in (("AVX512-BF16", {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}),
                         ("AVX-512", {"avx512f", "avx512bw", "avx512vl"}), ("AVX2", {"avx2", "fma"})):
         if need <= flags:

@@ -4,22 +4,13 @@ AVX512-BF16)."""
 
 import torch
 
-from pgsvd_rt.device import _simd_level, device_name
-
-
-def _flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(ln.split(":", 1)[1].split()) for ln in f
-                         if ln.startswith("flags")), set())
-    except OSError:
-        return set()
+from pgsvd_rt.device import _simd_level, cpu_flags, device_name
 
 
 def test_cpu_name_carries_the_simd_level():
     name = device_name("cpu")
     assert name.startswith("CPU: ") and f"{torch.get_num_threads()} torch threads" in name
-    flags = _flags()
+    flags = cpu_flags()
     level = _simd_level()
     if "avx512_bf16" in flags and {"avx512f", "avx512bw", "avx512vl"} <= flags:
         assert level == "AVX512-BF16"

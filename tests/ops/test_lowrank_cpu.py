@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from pgsvd_rt import ops
+from pgsvd_rt.device import cpu_flags
 from pgsvd_rt.ops import _native
 from tests.accuracy import check_lowrank, lowrank_factors
 
@@ -37,15 +38,6 @@ def decode_isa(request):
     _native.module.decode_force_avx2(request.param == "avx2")
     yield request.param
     _native.module.decode_force_avx2(False)
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f
-                         if line.startswith("flags")), set())
-    except OSError:
-        return set()
 
 
 def _served_natively(fn):
@@ -132,7 +124,7 @@ def test_native_merged_is_grouped_side_by_side(M, dtype, decode_isa):
 def test_decode_kernels_serve_where_the_cpu_can():
     """A CPU with AVX2 + FMA gets decode kernels for both dtypes (no slow portable path), and
     forcing the AVX2 set keeps them on such a CPU."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if not {"avx2", "fma"} <= flags:
         pytest.skip("no AVX2 + FMA (or no /proc/cpuinfo)")
     rows = _native.module.build_info()["decode_max_rows"]  # (bf16, fp32)
