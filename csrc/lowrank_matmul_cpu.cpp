@@ -11,8 +11,9 @@
 // "Latency"), per dtype and M:
 //   * decode: bf16 at 1 <= M <= 4 on a CPU with AVX512-BF16, fp32 at 1 <= M <= 16 on AVX-512,
 //     both at 1 <= M <= 8 on AVX2 without AVX-512: the decode kernels of
-//     csrc/lowrank_decode_cpu.cpp (one pass over the factors in one parallel region). In the linear layers of a SmolLM2-135M decode step (benchmarks/bench_layers.py,
-//     AMD EPYC) bf16 ran 1.4x faster than the one-pass kernel below at M = 1 (measured side by
+//     csrc/lowrank_decode_cpu.cpp (one pass over the factors in one parallel region). In the
+//     linear layers of a SmolLM2-135M decode step (benchmarks/bench_layers.py, AMD EPYC Zen 4)
+//     bf16 ran 1.4x faster than the one-pass kernel below at M = 1 (measured side by
 //     side when it was replaced), fp32 2.7x faster than torch's two GEMVs (MKL, the fp32 path
 //     before) at M = 1 and 4, 1.2x at M = 16.
 //   * bf16, M <= kOnePassMaxM on AVX-512 without AVX512-BF16: the layer is memory-bound and
@@ -28,8 +29,8 @@
 //     bf16 GEMM would go to oneDNN, which JIT-builds a primitive per new shape (the first-call
 //     column of benchmarks/bench_cpu_kernels.py): with a rank per layer, every new batch size or
 //     prompt length builds hundreds of them.
-//   * everything else (fp32 above the decode kernels: MKL builds nothing per shape; bf16 at
-//     M > 4 without AVX512-BF16; fp16, fp64): two library GEMMs (oneDNN/MKL through ATen) with
+//   * everything else (fp32 above the decode kernels: MKL builds nothing per shape; bf16
+//     above the decode and one-pass kernels without AVX512-BF16; fp16, fp64): two library GEMMs (oneDNN/MKL through ATen) with
 //     the bias fused into the second (addmm), called from C++ so the op costs one dispatch
 //     instead of a Python kernel. bf16 without AVX-512 runs them in fp32 on widened copies:
 //     torch's bf16 GEMM has no fast path there.
