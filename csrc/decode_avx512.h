@@ -209,10 +209,16 @@ struct Isa {
                    int64_t ncols, P* t, int64_t ldt, int64_t pf_end) {
     avx512::band<MB, S>(x, ldx, k0, k1, v, ldv, ncols, t, ldt, pf_end);
   }
-  template <int MB, typename E>
-  static void row(const E* hi, const E* lo, int64_t ldt, const E* u, int64_t R, const E* bias,
-                  E* y, int64_t ldy, const E* pf) {
-    avx512::row<MB>(hi, lo, ldt, u, R, bias, y, ldy, pf);
+  // Phase 1 sweeps bands; one row of u per pass of phase 2 (see row()).
+  template <typename E, int MB>
+  static constexpr bool kStream = false;
+  template <typename E, int MB>
+  static constexpr int kRows = 1;
+  template <int MB, int P, typename E>
+  static void rows(const E* hi, const E* lo, int64_t ldt, const E* u, int64_t, int64_t R,
+                   const E* bias, E* y, int64_t ldy, const E* pf, int64_t pf_rows) {
+    static_assert(P == 1);
+    avx512::row<MB>(hi, lo, ldt, u, R, bias, y, ldy, pf_rows > 0 ? pf : nullptr);
   }
 };
 

@@ -3,7 +3,8 @@
 // for M <= 8 on AVX2 CPUs without AVX-512 (csrc/decode_avx2.h). y_g = (x @ v_cat)[:, group g] @
 // u_g.T + bias_g for the G groups sharing x, in ONE parallel region (one fork/join per call).
 // This file is the driver the kernel sets share (threads, phases, handoff); each set supplies
-// band() (phase 1 on a band of v's columns) and row() (phase 2 on one row of u).
+// band() (phase 1 on a band of v's columns) or stream() (on whole rows), and rows() (phase 2 on
+// kRows rows of u).
 //
 // A decode step is memory-bound: the factors are read once and each element is used M times, so
 // the kernel must issue few instructions per byte to keep up with memory. The one-pass kernel of
@@ -32,7 +33,14 @@
 // take over). On this AMD EPYC torch's fp32 path (MKL, two GEMVs) read the factors
 // at 5.7 GB/s inside a model's step against oneDNN's 16.7 for the dense layers.
 // AVX2 (no AVX-512: AMD Zen 2/3 among others) has neither VDPBF16PS nor 32 registers: FMAs on
-// 8 floats, bf16 widened on load, fp64 partials and t in fp32 for both dtypes. Without it
+// 8 floats, bf16 widened on load, fp64 partials and t in fp32 for both dtypes. Its bands would
+// be narrow (10 strips of 8 columns at one row, one strip at 8 rows: 16 bytes of a bf16 row), so
+// phase 1 streams whole rows of v with the chunk's sums in L1 (bf16, fp32 up to 4 rows), and
+// phase 2 dots several rows of u at once (4 up to 2 rows, 2 up to 4). On an AMD EPYC Zen 3
+// (benchmarks/bench_layers.py' layers of one decode step) streaming made phase 1 1.12x (fp32) and
+// 1.16x (bf16) faster at one row, 1.27x for bf16 at 4 and 8; 4 rows of u at once against one (two
+// accumulator chains) 1.14x (bf16) at one row, 1.12x (fp32) and 1.25x (bf16) at 4, while fp32 at
+// one row did not care (+-2%). Without it
 // such a CPU ran the portable one-pass loops (bf16 M <= 4) and torch's bf16 GEMM, which has no
 // fast path there (13 ms for a 32-token down_proj of SmolLM2 pgsvd-40 on an AMD EPYC Zen 3).
 // Accuracy: bf16 products are exact in fp32, sums are fp32; fp32 as above
@@ -92,23 +100,39 @@ void bands(const E* x, int64_t ldx, int64_t k0, int64_t k1, const E* v, int64_t 
   }
 }
 
-// t[:MB, :R] += x[:MB, k0:k1] @ v[k0:k1, :R] (k0 even), kChunk rows of v at a time: the bands
-// sweep a chunk while it sits in L2 (memory sees whole rows in order), and prefetch the next.
+// t[:MB, :R] += x[:MB, k0:k1] @ v[k0:k1, :R] (k0 even), kChunk rows of v at a time: summed in
+// fp32 over a chunk, added to t (fp64 for fp32) after it. Where the set streams whole rows
+// (kStream), it does; else bands sweep a chunk while it sits in L2 (memory sees whole rows in
+// order) and prefetch the next.
 template <class Isa, int MB, typename E, typename P>
 void phase1(const E* x, int64_t ldx, int64_t k0, int64_t k1, const E* v, int64_t ldv, int64_t R,
             P* t, int64_t ldt) {
-  for (int64_t kb = k0; kb < k1; kb += kChunk)
-    bands<Isa, E, P, MB>(x, ldx, kb, std::min(k1, kb + kChunk), v, ldv, R, t, ldt, k1);
+  for (int64_t kb = k0; kb < k1; kb += kChunk) {
+    const int64_t ke = std::min(k1, kb + kChunk);
+    if constexpr (Isa::template kStream<E, MB>)
+      Isa::template stream<MB>(x, ldx, kb, ke, v, ldv, R, t, ldt);
+    else
+      bands<Isa, E, P, MB>(x, ldx, kb, ke, v, ldv, R, t, ldt, k1);
+  }
 }
 
-// Rows [n0, n1) of one group, prefetching kAheadBytes of u ahead (at least one row).
+// Rows [n0, n1) of one group, the set's kRows at a time (the rest one by one), prefetching
+// kAheadBytes of u ahead (at least one pass).
 template <class Isa, int MB, typename E, typename H>
 void phase2(const H* hi, const H* lo, int64_t ldt, const Group<E>& g, int64_t n0, int64_t n1) {
-  const int64_t ahead = std::max<int64_t>(
-      1, (kAheadBytes + int64_t(sizeof(E)) * g.ldu - 1) / (int64_t(sizeof(E)) * g.ldu));
-  for (int64_t n = n0; n < n1; ++n)
-    Isa::template row<MB>(hi, lo, ldt, g.u + n * g.ldu, g.R, g.bias ? g.bias + n : nullptr,
-                          g.y + n, g.ldy, n + ahead < n1 ? g.u + (n + ahead) * g.ldu : nullptr);
+  constexpr int P = Isa::template kRows<E, MB>;
+  const int64_t row_bytes = int64_t(sizeof(E)) * g.ldu;
+  const int64_t ahead = std::max<int64_t>(P, (kAheadBytes + row_bytes - 1) / row_bytes);
+  auto pass = [&](auto rows_per_pass, int64_t n) {
+    constexpr int Q = decltype(rows_per_pass)::value;
+    const int64_t pf_rows = std::clamp<int64_t>(n1 - (n + ahead), 0, Q);
+    Isa::template rows<MB, Q>(hi, lo, ldt, g.u + n * g.ldu, g.ldu, g.R,
+                              g.bias ? g.bias + n : nullptr, g.y + n, g.ldy,
+                              pf_rows > 0 ? g.u + (n + ahead) * g.ldu : nullptr, pf_rows);
+  };
+  int64_t n = n0;
+  for (; n + P <= n1; n += P) pass(std::integral_constant<int, P>{}, n);
+  for (; n < n1; ++n) pass(std::integral_constant<int, 1>{}, n);
 }
 
 // The call: phase 1 (K split across threads, a private partial each), a barrier, the partials

@@ -55,6 +55,10 @@ CASES += [(13, 129, 64, 64, True, "sliced"), (130, 1000, 41, 37, False, "transpo
 # fp32 decode kernel rows 5-16 (band widths 3, 2, 1 strips; one accumulator chain per row).
 CASES += [(8, 1000, 130, 37, True, "contig"), (16, 37, 41, 64, False, "sliced"),
           (11, 257, 64, 7, True, "transposed")]
+# AVX2 set: 2 and 4 rows (4 and 2 rows of u per pass of phase 2, N not a multiple of them;
+# 4 is the last fp32 row count whose phase 1 streams whole rows of v).
+CASES += [(2, 1000, 130, 37, True, "sliced"), (4, 257, 41, 7, False, "transposed"),
+          (4, 1000, 43, 64, True, "contig")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
