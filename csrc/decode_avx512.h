@@ -216,9 +216,9 @@ struct Isa {
   static constexpr int kRows = 1;
   template <int MB, int P, typename E>
   static void rows(const E* hi, const E* lo, int64_t ldt, const E* u, int64_t, int64_t R,
-                   const E* bias, E* y, int64_t ldy, const E* pf, int64_t pf_rows) {
+                   const E* bias, E* y, int64_t ldy, const E* pf, int64_t) {
     static_assert(P == 1);
-    avx512::row<MB>(hi, lo, ldt, u, R, bias, y, ldy, pf_rows > 0 ? pf : nullptr);
+    avx512::row<MB>(hi, lo, ldt, u, R, bias, y, ldy, pf);  // pf null when pf_rows is 0
   }
 };
 

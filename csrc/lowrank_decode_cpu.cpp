@@ -36,11 +36,13 @@
 // 8 floats, bf16 widened on load, fp64 partials and t in fp32 for both dtypes. Its bands would
 // be narrow (10 strips of 8 columns at one row, one strip at 8 rows: 16 bytes of a bf16 row), so
 // phase 1 streams whole rows of v with the chunk's sums in L1 (bf16, fp32 up to 4 rows), and
-// phase 2 dots several rows of u at once (4 up to 2 rows, 2 up to 4). On an AMD EPYC Zen 3
-// (benchmarks/bench_layers.py' layers of one decode step) streaming made phase 1 1.12x (fp32) and
-// 1.16x (bf16) faster at one row, 1.27x for bf16 at 4 and 8; 4 rows of u at once against one (two
-// accumulator chains) 1.14x (bf16) at one row, 1.12x (fp32) and 1.25x (bf16) at 4, while fp32 at
-// one row did not care (+-2%). Without it
+// phase 2 dots several rows of u at once (4 up to 2 rows, 2 up to 4). On an AMD EPYC Zen 3 the
+// linears of one decode step (benchmarks/bench_layers.py, against vLLM's dense layers) went from
+// 1.43x to 1.60x in bf16 and 1.44x to 1.49x in fp32 at one row, 2.80x to 3.99x in bf16 at 8
+// (results ...-avx2-2026-12-04-layers-*); an A/B of the variants in one process over the same
+// layers credited streaming with 1.12x (fp32) / 1.16x (bf16) at one row and 1.27x for bf16 at
+// 4 and 8, and 4 rows of u against one row on two chains with 1.14x (bf16) at one row and
+// 1.12x / 1.25x (fp32 / bf16) at 4; fp32 at one row did not care (+-2%). Without it
 // such a CPU ran the portable one-pass loops (bf16 M <= 4) and torch's bf16 GEMM, which has no
 // fast path there (13 ms for a 32-token down_proj of SmolLM2 pgsvd-40 on an AMD EPYC Zen 3).
 // Accuracy: bf16 products are exact in fp32, sums are fp32; fp32 as above
