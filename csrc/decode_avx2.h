@@ -117,14 +117,17 @@ PGSVD_AVX2 void stream(const E* x, int64_t ldx, int64_t k0, int64_t k1, const E*
 
 // y[m, p] = <u[p, :R], t[m]> + bias[p] for m < MB, p < P: P rows of u at once (row stride ldu;
 // t rows readable and zero up to R rounded up to 32), 8 columns at a time, t's loaded once for
-// all P. One accumulator chain per (p, m), two when P = 1 and MB <= 4: a single chain waits on
-// the FMA latency. Rows pf[0, pf_rows) (stride ldu) are prefetched to L2 on the way, one line
-// per line read.
+// all P. One accumulator chain per (p, m), 8 / MB when P = 1: with few chains the loads behind
+// a stalled one wait too, and the reads of u fall behind memory (an in-process A/B on Zen 3,
+// weights cold, fp32 at one row: SmolLM2 pgsvd-40's gate/up calls took 1.19x as long with 4 rows
+// of u on one chain each as with one row on 4 chains; a plain read of u in place of phase 2 was
+// 5% faster still; 8 chains and 4 measured alike over the whole step).
+// Rows pf[0, pf_rows) (stride ldu) are prefetched to L2 on the way, one line per line read.
 template <int MB, int P, typename E>
 PGSVD_AVX2 void rows(const float* t, int64_t ldt, const E* u, int64_t ldu, int64_t R,
                      const E* bias, E* y, int64_t ldy, const E* pf, int64_t pf_rows) {
   constexpr int64_t kLine = 64 / sizeof(E);
-  constexpr int Q = P == 1 && MB <= 4 ? 2 : 1;  // chains per (p, m): 2 when they are few
+  constexpr int Q = P == 1 && MB < 8 ? 8 / MB : 1;  // chains per (p, m)
   __m256 acc[P][MB][Q];
   for (int p = 0; p < P; ++p)
     for (int m = 0; m < MB; ++m)
@@ -144,7 +147,7 @@ PGSVD_AVX2 void rows(const float* t, int64_t ldt, const E* u, int64_t ldu, int64
   int64_t c = 0;
   for (; c + 8 * Q <= R; c += 8 * Q)
     for (int q = 0; q < Q; ++q) step(c + 8 * q, 8, q);
-  for (; c < R; c += 8) step(c, std::min<int64_t>(8, R - c), 0);
+  for (int q = 0; c < R; c += 8, ++q) step(c, std::min<int64_t>(8, R - c), q);
   for (int p = 0; p < P; ++p) {
     const float b = bias ? to_f(bias[p]) : 0.f;
     for (int m = 0; m < MB; ++m) {
@@ -174,10 +177,12 @@ struct Isa {
   // rows (at 8 the band's registers won by 1.15x in an A/B over bench_layers' layers, Zen 3).
   template <typename E, int MB>
   static constexpr bool kStream = sizeof(E) == 2 || MB <= 4;
-  // Rows of u per pass of phase 2 (registers: P MB accumulators + MB + 1); at one row 4 beat
-  // 2 and 8 (bf16; fp32 did not care).
+  // Rows of u per pass of phase 2 (registers: P MB accumulators + MB + 1). fp32 up to 2 rows
+  // of x: one row of u on 8 / MB chains (rows()), 1.08x (M = 1) and 1.07x (M = 2) over 4 rows
+  // on one chain each in an A/B over bench_layers' layers (Zen 3); at 4 rows of x it lost
+  // (0.92x against 2 rows of u), as did bf16 at one (0.89x against 4, which beat 2 and 8).
   template <typename E, int MB>
-  static constexpr int kRows = MB <= 2 ? 4 : MB <= 4 ? 2 : 1;
+  static constexpr int kRows = sizeof(E) == 4 && MB <= 2 ? 1 : MB <= 2 ? 4 : MB <= 4 ? 2 : 1;
 
   template <int MB, int S, typename E, typename P>
   static void band(const E* x, int64_t ldx, int64_t k0, int64_t k1, const E* v, int64_t ldv,

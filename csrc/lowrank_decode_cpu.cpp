@@ -36,7 +36,8 @@
 // 8 floats, bf16 widened on load, fp64 partials and t in fp32 for both dtypes. Its bands would
 // be narrow (10 strips of 8 columns at one row, one strip at 8 rows: 16 bytes of a bf16 row), so
 // phase 1 streams whole rows of v with the chunk's sums in L1 (bf16, fp32 up to 4 rows), and
-// phase 2 dots several rows of u at once (4 up to 2 rows, 2 up to 4). On an AMD EPYC Zen 3 the
+// phase 2 dots several rows of u at once (bf16: 4 up to 2 rows, 2 up to 4), or one on several
+// accumulator chains (fp32 up to 2 rows: 1.08x at one row). On an AMD EPYC Zen 3 the
 // linears of one decode step (benchmarks/bench_layers.py, against vLLM's dense layers) went from
 // 1.43x to 1.60x in bf16 and 1.44x to 1.49x in fp32 at one row, 2.80x to 3.99x in bf16 at 8
 // (results ...-avx2-2026-12-04-layers-*); an A/B of the variants in one process over the same
