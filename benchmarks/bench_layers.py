@@ -62,6 +62,7 @@ def step_layers(ckpt: str, dtype: torch.dtype) -> list[dict]:
         else:
             continue
         b = None if b is None else b.detach()
+        v = ops.decode_layout(v)  # as the vLLM method lays it out after loading
         N, K = sum(u.shape[0] for u in us), v.shape[0]
         layers.append({"kind": KINDS.get(leaf, leaf), "us": us, "v": v, "bias": b,
                        "N": N, "K": K, "W": torch.randn(N, K, dtype=dtype),

@@ -158,6 +158,44 @@ PGSVD_AVX2 void rows(const float* t, int64_t ldt, const E* u, int64_t ldu, int64
   }
 }
 
+// t[m] = <x[m, :K], vt[:K]> for m < MB, one row of v.T (fp32; x rows readable and zero up to K
+// rounded up to 8): phase 1 where v comes as v.T (the driver's run_dots). Like rows() at P = 1
+// on 8 / MB chains, but the chains are summed (pairwise) into fp64 every kSpan columns, where
+// each of their lanes has summed kChunk products, and t is rounded once: as accurate as phase
+// 1's fp64 partials of kChunk-row sums where v comes in rows. No software prefetch: one line
+// ahead per line read, as rows() does, made the step's linears 5-8% slower at 1-2 rows (Zen 3).
+template <int MB>
+PGSVD_AVX2 void dots(const float* x, int64_t ldx, const float* vt, int64_t K, float* t,
+                     int64_t ldt) {
+  constexpr int Q = MB < 8 ? 8 / MB : 1;
+  constexpr int64_t kSpan = kChunk * 8 * Q;
+  double sum[MB] = {};
+  for (int64_t c0 = 0; c0 < K; c0 += kSpan) {
+    const int64_t c1 = std::min(K, c0 + kSpan);
+    __m256 acc[MB][Q];
+    for (int m = 0; m < MB; ++m)
+      for (int q = 0; q < Q; ++q) acc[m][q] = _mm256_setzero_ps();
+    const auto step = [&](int64_t c, int64_t n, int q) PGSVD_AVX2 {
+      const __m256 w = n == 8 ? load8(vt + c) : load8(vt + c, n);
+      for (int m = 0; m < MB; ++m)
+        acc[m][q] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + c), w, acc[m][q]);
+    };
+    int64_t c = c0;
+    for (; c + 8 * Q <= c1; c += 8 * Q)
+      for (int q = 0; q < Q; ++q) step(c + 8 * q, 8, q);
+    for (int q = 0; c < c1; c += 8, ++q) step(c, std::min<int64_t>(8, c1 - c), q);
+    for (int m = 0; m < MB; ++m) {
+      for (int w = 1; w < Q; w *= 2)  // pairwise over the chains
+        for (int q = 0; q + w < Q; q += 2 * w) acc[m][q] = _mm256_add_ps(acc[m][q], acc[m][q + w]);
+      const __m256d d = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(acc[m][0])),
+                                      _mm256_cvtps_pd(_mm256_extractf128_ps(acc[m][0], 1)));
+      __m128d h = _mm_add_pd(_mm256_castpd256_pd128(d), _mm256_extractf128_pd(d, 1));
+      sum[m] += _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+    }
+  }
+  for (int m = 0; m < MB; ++m) t[m * ldt] = static_cast<float>(sum[m]);
+}
+
 // The set as the driver uses it: fp64 partials of t, t handed to phase 2 in fp32, for both dtypes.
 struct Isa {
   template <typename E>
@@ -183,6 +221,9 @@ struct Isa {
   // (0.92x against 2 rows of u), as did bf16 at one (0.89x against 4, which beat 2 and 8).
   template <typename E, int MB>
   static constexpr int kRows = sizeof(E) == 4 && MB <= 2 ? 1 : MB <= 2 ? 4 : MB <= 4 ? 2 : 1;
+  // v as v.T: phase 1 as dots() (fp32; decode::f32_v_transposed).
+  template <typename E>
+  static constexpr bool kDots = sizeof(E) == 4;
 
   template <int MB, int S, typename E, typename P>
   static void band(const E* x, int64_t ldx, int64_t k0, int64_t k1, const E* v, int64_t ldv,
@@ -193,6 +234,11 @@ struct Isa {
   static void stream(const E* x, int64_t ldx, int64_t k0, int64_t k1, const E* v, int64_t ldv,
                      int64_t R, P* t, int64_t ldt) {
     avx2::stream<MB>(x, ldx, k0, k1, v, ldv, R, t, ldt);
+  }
+  template <int MB>
+  static void dots(const float* x, int64_t ldx, const float* vt, int64_t K, float* t,
+                   int64_t ldt) {
+    avx2::dots<MB>(x, ldx, vt, K, t, ldt);
   }
   template <int MB, int P, typename E>
   static void rows(const float* hi, const float*, int64_t ldt, const E* u, int64_t ldu, int64_t R,

@@ -214,6 +214,8 @@ struct Isa {
   static constexpr bool kStream = false;
   template <typename E, int MB>
   static constexpr int kRows = 1;
+  template <typename E>
+  static constexpr bool kDots = false;  // v as v.T: not taken (decode::f32_v_transposed)
   template <int MB, int P, typename E>
   static void rows(const E* hi, const E* lo, int64_t ldt, const E* u, int64_t, int64_t R,
                    const E* bias, E* y, int64_t ldy, const E* pf, int64_t) {

@@ -37,7 +37,9 @@
 // be narrow (10 strips of 8 columns at one row, one strip at 8 rows: 16 bytes of a bf16 row), so
 // phase 1 streams whole rows of v with the chunk's sums in L1 (bf16, fp32 up to 4 rows), and
 // phase 2 dots several rows of u at once (bf16: 4 up to 2 rows, 2 up to 4), or one on several
-// accumulator chains (fp32 up to 2 rows: 1.08x at one row). On an AMD EPYC Zen 3 the
+// accumulator chains (fp32 up to 2 rows: 1.08x at one row). fp32 reads v faster as v.T: phase 1
+// is then dot products on its rows (dots(), run_dots: 1.23x at 4 rows, 1.42x at 8; even at 1-2;
+// ops.decode_layout lays v out so, as the vLLM method does after loading). On an AMD EPYC Zen 3 the
 // linears of one decode step (benchmarks/bench_layers.py, against vLLM's dense layers) went from
 // 1.43x to 1.60x in bf16 and 1.44x to 1.49x in fp32 at one row, 2.80x to 3.99x in bf16 at 8
 // (results ...-avx2-2026-12-04-layers-*); an A/B of the variants in one process over the same
@@ -138,16 +140,94 @@ void phase2(const H* hi, const H* lo, int64_t ldt, const Group<E>& g, int64_t n0
   for (; n < n1; ++n) pass(std::integral_constant<int, 1>{}, n);
 }
 
+// This thread's share of all groups' rows (split by count across nthr threads): fn(g, n0, n1)
+// on rows [n0, n1) of group g.
+template <typename E, typename Fn>
+void split_rows(const std::vector<Group<E>>& groups, int64_t tid, int64_t nthr, Fn&& fn) {
+  int64_t n_total = 0;
+  for (const auto& g : groups) n_total += g.N;
+  const int64_t nc = (n_total + nthr - 1) / nthr, b = std::min(n_total, tid * nc);
+  const int64_t e = std::min(n_total, b + nc);
+  int64_t base = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const int64_t n0 = std::max(b, base), n1 = std::min(e, base + groups[g].N);
+    if (n0 < n1) fn(g, n0 - base, n1 - base);
+    base += groups[g].N;
+  }
+}
+
+// The call with v given as v.T (Rt, K) (row stride ldvt), where the set has dots() (fp32 on
+// AVX2): phase 1 computes t[:, r] = x @ v.T[r] one row of v.T at a time, the rows split across
+// threads, each column of t computed whole and written where phase 2 reads it; a barrier;
+// phase 2. No partials to sum and one barrier fewer, and each thread reads its rows of v.T in
+// memory order on several accumulator chains, as phase 2 reads u, where streaming v's rows
+// kept the sums in L1, or bands swept them (fp32 above 4 rows): in an in-process A/B over
+// SmolLM2 pgsvd-40's linears on Zen 3, weights cold, the step's linears took 1.03x as long with
+// v in rows at one row of x, 1.02x at 2, 1.23x at 4, 1.42x at 8.
+template <class Isa, int MB, typename E>
+void run_dots(const E* x, int64_t ldx, int64_t K, const E* vt, int64_t ldvt,
+              const std::vector<Group<E>>& groups) {
+  constexpr int64_t M = MB;
+  const size_t G = groups.size();
+  // t: (M, W), group g's columns from off[g], zero up to a multiple of 32 (rows() reads them);
+  // x copied to (M, Kx), zero past K (dots() reads it 8 at a time).
+  std::vector<int64_t> off(G + 1, 0);
+  std::vector<Group<E>> vg;  // phase 1's rows: group g's rows of v.T, written to its columns
+  int64_t work = 0, Rt = 0;
+  for (size_t g = 0; g < G; ++g) {
+    off[g + 1] = off[g] + (groups[g].R + 31) / 32 * 32;
+    vg.push_back({vt + Rt * ldvt, ldvt, groups[g].R, K, nullptr, nullptr, 0});
+    work += (groups[g].N + K) * groups[g].R;
+    Rt += groups[g].R;
+  }
+  const int64_t W = off.back(), Kx = (K + 7) / 8 * 8;
+  thread_local std::vector<E> scratch;
+  scratch.assign(static_cast<size_t>(M * (W + Kx)), E(0));
+  E* t = scratch.data();
+  E* xs = t + M * W;
+  for (int64_t m = 0; m < M; ++m) std::copy(x + m * ldx, x + m * ldx + K, xs + m * Kx);
+  int64_t nt = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, work / kGrainElems));
+  nt = std::min(nt, Rt);
+#ifdef _OPENMP
+  if (omp_in_parallel()) nt = 1;
+#else
+  nt = 1;
+#endif
+  auto body = [&](int64_t tid, int64_t nthr) {
+    split_rows(vg, tid, nthr, [&](size_t g, int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        Isa::template dots<MB>(xs, Kx, vg[g].u + r * ldvt, K, t + off[g] + r, W);
+    });
+#ifdef _OPENMP
+    if (nthr > 1) {
+#pragma omp barrier
+    }
+#endif
+    split_rows(groups, tid, nthr, [&](size_t g, int64_t n0, int64_t n1) {
+      phase2<Isa, MB>(t + off[g], t + off[g], W, groups[g], n0, n1);
+    });
+  };
+  if (nt == 1) return body(0, 1);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(static_cast<int>(nt))
+  body(omp_get_thread_num(), omp_get_num_threads());
+#endif
+}
+
 // The call: phase 1 (K split across threads, a private partial each), a barrier, the partials
 // summed into what phase 2 reads (the set's handoff: bf16 hi and lo, or t rounded once to H), a
 // barrier, phase 2 (all groups' rows split across threads). E: storage (uint16_t for bf16,
 // float); partials in P.
 template <class Isa, int MB, typename E>
 void run(const E* x, int64_t ldx, int64_t K, const E* v, int64_t ldv, int64_t Rt,
-         const std::vector<Group<E>>& groups) {
+         const std::vector<Group<E>>& groups, bool v_t) {
   using P = typename Isa::template Part<E>;
   using H = typename Isa::template Hand<E>;
   constexpr bool kSplit = Isa::template kSplit<E>;
+  if constexpr (Isa::template kDots<E>) {
+    if (v_t) return run_dots<Isa, MB>(x, ldx, K, v, ldv, groups);
+  }
+  TORCH_CHECK(!v_t, "pgsvd: this decode kernel set takes v as (K, R) rows, not transposed");
   constexpr int64_t M = MB;
   // Group g's rows of what phase 2 reads: columns [off_g, off_g + ceil32(R_g)) of (M, W) buffers.
   std::vector<int64_t> off(groups.size() + 1, 0), r0(groups.size() + 1, 0);
@@ -208,15 +288,9 @@ void run(const E* x, int64_t ldx, int64_t K, const E* v, int64_t ldv, int64_t Rt
 #pragma omp barrier
     }
 #endif
-    const int64_t nc = (n_total + nthr - 1) / nthr, b = std::min(n_total, tid * nc);
-    const int64_t e = std::min(n_total, b + nc);
-    int64_t base = 0;
-    for (size_t g = 0; g < groups.size(); ++g) {
-      const int64_t n0 = std::max(b, base), n1 = std::min(e, base + groups[g].N);
-      if (n0 < n1)
-        phase2<Isa, MB>(hi + off[g], lo + off[g], W, groups[g], n0 - base, n1 - base);
-      base += groups[g].N;
-    }
+    split_rows(groups, tid, nthr, [&](size_t g, int64_t n0, int64_t n1) {
+      phase2<Isa, MB>(hi + off[g], lo + off[g], W, groups[g], n0, n1);
+    });
   };
   if (nt == 1) {
     body(0, 1);
@@ -230,11 +304,11 @@ void run(const E* x, int64_t ldx, int64_t K, const E* v, int64_t ldv, int64_t Rt
 
 template <class Isa, typename E, int MB = 1>
 void dispatch(const E* x, int64_t ldx, int64_t M, int64_t K, const E* v, int64_t ldv, int64_t Rt,
-              const std::vector<Group<E>>& groups) {
+              const std::vector<Group<E>>& groups, bool v_t = false) {
   constexpr int64_t kMax = Isa::template kMaxM<E>;
   if constexpr (MB <= kMax) {
-    if (M == MB) return run<Isa, MB>(x, ldx, K, v, ldv, Rt, groups);
-    return dispatch<Isa, E, MB + 1>(x, ldx, M, K, v, ldv, Rt, groups);
+    if (M == MB) return run<Isa, MB>(x, ldx, K, v, ldv, Rt, groups, v_t);
+    return dispatch<Isa, E, MB + 1>(x, ldx, M, K, v, ldv, Rt, groups, v_t);
   }
   TORCH_CHECK(false, "pgsvd: the decode kernel takes 1-", kMax, " rows, got ", M);
 }
@@ -284,20 +358,23 @@ void run(const c10::BFloat16* x, int64_t ldx, int64_t M, int64_t K, const c10::B
   dispatch<avx2::Isa>(xs, ldx, M, K, vs, ldv, Rt, gs);
 }
 
+bool f32_v_transposed() { return !f32_avx512() && has_avx2(); }
+
 void run(const float* x, int64_t ldx, int64_t M, int64_t K, const float* v, int64_t ldv,
-         int64_t Rt, const std::vector<Group<float>>& groups) {
-  if (f32_avx512()) return dispatch<avx512::Isa>(x, ldx, M, K, v, ldv, Rt, groups);
-  dispatch<avx2::Isa>(x, ldx, M, K, v, ldv, Rt, groups);
+         int64_t Rt, const std::vector<Group<float>>& groups, bool v_t) {
+  if (f32_avx512()) return dispatch<avx512::Isa>(x, ldx, M, K, v, ldv, Rt, groups, v_t);
+  dispatch<avx2::Isa>(x, ldx, M, K, v, ldv, Rt, groups, v_t);
 }
 
 #else  // not x86-64 with GCC/Clang: never available, never called
 
 int64_t max_rows_bf16() { return 0; }
 int64_t max_rows_f32() { return 0; }
+bool f32_v_transposed() { return false; }
 void run(const c10::BFloat16*, int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, int64_t,
          const std::vector<Group<c10::BFloat16>>&) {}
 void run(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
-         const std::vector<Group<float>>&) {}
+         const std::vector<Group<float>>&, bool) {}
 
 #endif
 

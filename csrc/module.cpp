@@ -19,6 +19,7 @@ bool available();                             // lowrank_bf16_cpu.cpp
 namespace decode {
 int64_t max_rows_bf16();                      // lowrank_decode_cpu.cpp
 int64_t max_rows_f32();
+bool f32_v_transposed();
 void force_avx2(bool on);
 }  // namespace decode
 }  // namespace pgsvd
@@ -48,6 +49,7 @@ pybind11::dict build_info() {
   d["cpu_avx512_bf16"] = pgsvd::bf16::available();
   d["decode_max_rows"] = pybind11::make_tuple(pgsvd::decode::max_rows_bf16(),
                                               pgsvd::decode::max_rows_f32());
+  d["decode_f32_v_transposed"] = pgsvd::decode::f32_v_transposed();
   return d;
 }
 
@@ -56,7 +58,10 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pgsvd_rt native kernels; importing registers CPU (and CUDA) impls of pgsvd ops";
   m.def("build_info", &build_info,
-        "compiler, with_cuda, torch version, ops, cpu_avx512(_bf16), decode_max_rows (bf16, fp32)");
+        "compiler, with_cuda, torch version, ops, cpu_avx512(_bf16), decode_max_rows (bf16, fp32), "
+        "decode_f32_v_transposed");
+  m.def("decode_f32_v_transposed", &pgsvd::decode::f32_v_transposed,
+        "whether the fp32 decode kernels read v (K, R) fastest as v.T, (R, K) row-major");
   m.def("decode_force_avx2", &pgsvd::decode::force_avx2, pybind11::arg("on"),
         "serve the decode kernels with the AVX2 set even on an AVX-512 CPU (tests cover both)");
   m.def(

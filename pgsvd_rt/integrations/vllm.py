@@ -248,6 +248,7 @@ class PGSVDLinearMethod(LinearMethodBase):
                     raise ValueError(f"pgsvd: tensor {name}.{key} is missing from the checkpoint "
                                      f"(layer {layer.prefix!r})")
         n_loc = layer.pgsvd_n_local
+        layer.v.data = ops.decode_layout(layer.v.data)  # v.T where the CPU kernels read it so
         layer.pgsvd_us = [
             layer.u.data[layer.pgsvd_u_off[g]:layer.pgsvd_u_off[g] + n_loc[g] * self.ranks[g]]
             .view(n_loc[g], self.ranks[g]) for g in self.factored]

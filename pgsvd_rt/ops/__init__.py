@@ -101,6 +101,22 @@ def native_available() -> bool:
     return _backends.NATIVE_LOADED
 
 
+def decode_layout(v: torch.Tensor) -> torch.Tensor:
+    """v (K, R) laid out as this machine's decode kernels read it fastest, for a model that only
+    serves (an engine's weights after loading): fp32 on a CPU whose decode kernels take v.T
+    (the AVX2 set: ``csrc/lowrank_decode_cpu.h``, ``f32_v_transposed``) gets a (K, R) view of a
+    contiguous (R, K) copy; anything else is returned as is. Every op takes either layout
+    (the library GEMMs read both); where the decode kernels do not take v.T they copy it per call.
+    """
+    if (v.dim() == 2 and v.device.type == "cpu" and v.dtype == torch.float32
+            and _backends.NATIVE_LOADED):
+        from pgsvd_rt.ops import _native
+
+        if _native.module.decode_f32_v_transposed():
+            return v.t().contiguous().t()
+    return v
+
+
 def lowrank_matmul_grouped(
     x: torch.Tensor,
     us: list[torch.Tensor],
@@ -155,4 +171,4 @@ def lowrank_matmul_int8(
 
 
 __all__ = ["lowrank_matmul", "lowrank_matmul_grouped", "lowrank_matmul_merged",
-           "lowrank_matmul_int8", "als_solve", "native_available"]
+           "lowrank_matmul_int8", "als_solve", "native_available", "decode_layout"]

@@ -125,6 +125,49 @@ def test_native_merged_is_grouped_side_by_side(M, dtype, decode_isa):
         torch.testing.assert_close(y, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 11, 40])
+def test_native_v_transposed_matches_fp64(M, dtype, decode_isa):
+    """v given as v.T (strides (1, K), what ``ops.decode_layout`` makes where the fp32 kernels
+    read it so): the AVX2 set computes phase 1 as dot products on the rows of v.T (fp32, M <= 8;
+    8 / M chains, fp64 sums every 512 (M = 8) to 4096 columns, K not a multiple of 8);
+    every other path copies v or hands it to a library GEMM. Single and merged (a group of
+    rank 1 among them: alone, a (K, 1) v has no transposed layout), with bias."""
+    for K, N, R in ((1000, 130, 37), (37, 41, 7), (300, 5, 3)):
+        x, u, v, b = lowrank_factors(M, K, N, R, dtype, "cpu", True, "contig", seed=M + K)
+        vt = v.t().contiguous().t()
+        assert vt.stride() == (1, K)
+        check_lowrank(_served_natively(lambda: ops.lowrank_matmul(x, u, vt, b)), x, u, v, b)
+    g = torch.Generator().manual_seed(M)
+    K, shapes = 300, [(41, 7), (16, 1), (24, 37)]
+    x = torch.randn(M, K, generator=g).to(dtype)
+    us = [(torch.randn(N, R, generator=g) / R**0.5).to(dtype) for N, R in shapes]
+    v_cat = (torch.randn(K, 45, generator=g) / K**0.5).to(dtype)
+    bias_cat = torch.randn(81, generator=g).to(dtype)
+    y = _served_natively(lambda: ops.lowrank_matmul_merged(x, us, v_cat.t().contiguous().t(),
+                                                           bias_cat))
+    r0 = n0 = 0
+    for (N, R), u in zip(shapes, us, strict=True):
+        check_lowrank(y[:, n0:n0 + N].contiguous(), x, u, v_cat[:, r0:r0 + R],
+                      bias_cat[n0:n0 + N])
+        r0, n0 = r0 + R, n0 + N
+
+
+def test_decode_layout_is_what_the_kernels_take(decode_isa):
+    """fp32 on the AVX2 set: v.T laid out (a (K, R) view, same values); else v itself."""
+    v = torch.randn(37, 7)
+    transposed = _native.module.decode_f32_v_transposed()
+    flags = cpu_flags()
+    if decode_isa == "avx2" or not {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        assert transposed == ({"avx2", "fma"} <= flags)
+    else:
+        assert not transposed
+    out = ops.decode_layout(v)
+    assert out.stride() == ((1, 37) if transposed else (7, 1))
+    torch.testing.assert_close(out, v, rtol=0, atol=0)
+    assert ops.decode_layout(v.bfloat16()).stride() == (7, 1)
+
+
 def test_decode_kernels_serve_where_the_cpu_can():
     """A CPU with AVX2 + FMA gets decode kernels for both dtypes (no slow portable path), and
     forcing the AVX2 set keeps them on such a CPU."""
