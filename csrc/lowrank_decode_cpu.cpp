@@ -231,11 +231,10 @@ void run(const E* x, int64_t ldx, int64_t K, const E* v, int64_t ldv, int64_t Rt
   constexpr int64_t M = MB;
   // Group g's rows of what phase 2 reads: columns [off_g, off_g + ceil32(R_g)) of (M, W) buffers.
   std::vector<int64_t> off(groups.size() + 1, 0), r0(groups.size() + 1, 0);
-  int64_t n_total = 0, work = K * Rt;
+  int64_t work = K * Rt;
   for (size_t g = 0; g < groups.size(); ++g) {
     off[g + 1] = off[g] + (groups[g].R + 31) / 32 * 32;
     r0[g + 1] = r0[g] + groups[g].R;
-    n_total += groups[g].N;
     work += groups[g].N * groups[g].R;
   }
   const int64_t W = off.back();
