@@ -10,7 +10,10 @@ layers do not fit in the last-level cache; a 64 MiB read between rounds makes su
 interleaved round by round:
 
 - ``op``: ``pgsvd::lowrank_matmul_merged`` for a merged layer and ``lowrank_matmul``
-  otherwise, exactly as the vLLM method's ``apply`` calls them;
+  otherwise, exactly as the vLLM method's ``apply`` calls them, v laid out by
+  ``ops.decode_layout`` as the method lays it out after loading;
+- ``op-rows``: the same with v in rows, (K, R) row-major, where ``decode_layout`` lays it out
+  otherwise (what that layout buys);
 - ``two-matmul``: ``(x @ v) @ u.T`` in torch (per projection of a merged layer), the naive
   version;
 - ``dense``: ``F.linear`` on dense weights of the merged shapes (random values: latency does
@@ -45,6 +48,8 @@ from pgsvd_rt.io.checkpoint import load_factored  # noqa: E402
 from pgsvd_rt.nn import GroupedLowRankLinear, LowRankLinear, group_projections_  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# Providers that read the factors (the rest read dense weights).
+FACTORED = ("op", "op-rows", "two-matmul")
 KINDS = {"qkv_group": "qkv", "gate_up_group": "gate/up", "o_proj": "o", "down_proj": "down"}
 
 
@@ -62,9 +67,11 @@ def step_layers(ckpt: str, dtype: torch.dtype) -> list[dict]:
         else:
             continue
         b = None if b is None else b.detach()
-        v = ops.decode_layout(v)  # as the vLLM method lays it out after loading
+        v_rows = v.contiguous()
+        v = ops.decode_layout(v_rows)  # as the vLLM method lays it out after loading
         N, K = sum(u.shape[0] for u in us), v.shape[0]
-        layers.append({"kind": KINDS.get(leaf, leaf), "us": us, "v": v, "bias": b,
+        layers.append({"kind": KINDS.get(leaf, leaf), "us": us, "v": v, "v_rows": v_rows,
+                       "bias": b,
                        "N": N, "K": K, "W": torch.randn(N, K, dtype=dtype),
                        "factor_bytes": (sum(u.numel() for u in us) + v.numel())
                        * v.element_size(), "dense_bytes": N * K * v.element_size()})
@@ -73,10 +80,10 @@ def step_layers(ckpt: str, dtype: torch.dtype) -> list[dict]:
 
 def providers(layers: list[dict]) -> dict:
     """name -> fn(layer, x): one call of that layer."""
-    def op(ly, x):
+    def op(ly, x, v="v"):
         if len(ly["us"]) == 1:
-            return ops.lowrank_matmul(x, ly["us"][0], ly["v"], ly["bias"])
-        return ops.lowrank_matmul_merged(x, ly["us"], ly["v"], ly["bias"])
+            return ops.lowrank_matmul(x, ly["us"][0], ly[v], ly["bias"])
+        return ops.lowrank_matmul_merged(x, ly["us"], ly[v], ly["bias"])
 
     def two_matmul(ly, x):  # the naive version: torch's own two matmuls per projection
         t, ys, r0 = x @ ly["v"], [], 0
@@ -88,6 +95,8 @@ def providers(layers: list[dict]) -> dict:
 
     out = {"op": op, "two-matmul": two_matmul,
            "dense": lambda ly, x: torch.nn.functional.linear(x, ly["W"], ly["bias"])}
+    if any(ly["v"].stride() != ly["v_rows"].stride() for ly in layers):
+        out["op-rows"] = lambda ly, x: op(ly, x, "v_rows")  # what the layout buys
     try:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
     except ImportError:
@@ -158,7 +167,7 @@ def render(res: dict) -> str:
             cells = []
             for p, t in per.items():
                 ms = t[k] if k != "all" else sum(t.values())
-                gb = (b["op"] if p in ("op", "two-matmul") else b["dense"]) / (ms * 1e6)
+                gb = (b["op"] if p in FACTORED else b["dense"]) / (ms * 1e6)
                 cells.append(f"{ms:.2f} ({gb:.1f})")
             lines.append(f"| {k} | {b['op'] / 1e6:.1f} MB ({b['dense'] / 1e6:.1f}) | "
                          + " | ".join(cells) + " |")
@@ -166,11 +175,13 @@ def render(res: dict) -> str:
         ideal = (sum(res["bytes"][k]["dense"] for k in kinds)
                  / sum(res["bytes"][k]["op"] for k in kinds))
         for p in per:
-            if p not in ("op", "two-matmul"):
+            if p not in FACTORED:
                 ratio = sum(per[p].values()) / op_ms
                 lines.append(f"- {p} / op: {ratio:.2f}x (ideal {ideal:.2f}x, "
                              f"{ratio / ideal:.2f} of ideal)")
-        lines.append(f"- two-matmul / op: {sum(per['two-matmul'].values()) / op_ms:.2f}x")
+        for p in FACTORED[1:]:
+            if p in per:
+                lines.append(f"- {p} / op: {sum(per[p].values()) / op_ms:.2f}x")
         lines.append("")
     return "\n".join(lines)
 

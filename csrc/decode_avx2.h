@@ -161,12 +161,11 @@ PGSVD_AVX2 void rows(const float* t, int64_t ldt, const E* u, int64_t ldu, int64
 // t[m] = <x[m, :K], vt[:K]> for m < MB, one row of v.T (fp32; x rows readable and zero up to K
 // rounded up to 8): phase 1 where v comes as v.T (the driver's run_dots). Like rows() at P = 1
 // on 8 / MB chains, but the chains are summed (pairwise) into fp64 every kSpan columns, where
-// each of their lanes has summed kChunk products, and t is rounded once: as accurate as phase
-// 1's fp64 partials of kChunk-row sums where v comes in rows. No software prefetch: one line
+// each of their lanes has summed kChunk products (the driver rounds t once): as accurate as
+// phase 1's fp64 partials of kChunk-row sums where v comes in rows. No software prefetch: one line
 // ahead per line read, as rows() does, made the step's linears 5-8% slower at 1-2 rows (Zen 3).
 template <int MB>
-PGSVD_AVX2 void dots(const float* x, int64_t ldx, const float* vt, int64_t K, float* t,
-                     int64_t ldt) {
+PGSVD_AVX2 void dots(const float* x, int64_t ldx, const float* vt, int64_t K, double* t) {
   constexpr int Q = MB < 8 ? 8 / MB : 1;
   constexpr int64_t kSpan = kChunk * 8 * Q;
   double sum[MB] = {};
@@ -193,7 +192,7 @@ PGSVD_AVX2 void dots(const float* x, int64_t ldx, const float* vt, int64_t K, fl
       sum[m] += _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
     }
   }
-  for (int m = 0; m < MB; ++m) t[m * ldt] = static_cast<float>(sum[m]);
+  for (int m = 0; m < MB; ++m) t[m] = sum[m];
 }
 
 // The set as the driver uses it: fp64 partials of t, t handed to phase 2 in fp32, for both dtypes.
@@ -221,7 +220,7 @@ struct Isa {
   // (0.92x against 2 rows of u), as did bf16 at one (0.89x against 4, which beat 2 and 8).
   template <typename E, int MB>
   static constexpr int kRows = sizeof(E) == 4 && MB <= 2 ? 1 : MB <= 2 ? 4 : MB <= 4 ? 2 : 1;
-  // v as v.T: phase 1 as dots() (fp32; decode::f32_v_transposed).
+  // v as v.T: phase 1 as dots() (fp32; decode::v_transposed).
   template <typename E>
   static constexpr bool kDots = sizeof(E) == 4;
 
@@ -235,10 +234,9 @@ struct Isa {
                      int64_t R, P* t, int64_t ldt) {
     avx2::stream<MB>(x, ldx, k0, k1, v, ldv, R, t, ldt);
   }
-  template <int MB>
-  static void dots(const float* x, int64_t ldx, const float* vt, int64_t K, float* t,
-                   int64_t ldt) {
-    avx2::dots<MB>(x, ldx, vt, K, t, ldt);
+  template <int MB, typename E, typename P>
+  static void dots(const E* x, int64_t ldx, const E* vt, int64_t K, P* t) {
+    if constexpr (sizeof(E) == 4) avx2::dots<MB>(x, ldx, vt, K, t);
   }
   template <int MB, int P, typename E>
   static void rows(const float* hi, const float*, int64_t ldt, const E* u, int64_t ldu, int64_t R,

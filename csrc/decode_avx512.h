@@ -5,6 +5,7 @@
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -185,6 +186,63 @@ PGSVD_F32 void row(const float* t, const float*, int64_t ldt, const float* u, in
   }
 }
 
+// t[m] = <x[m, :K], vt[:K]> for m < MB, one row of v.T (bf16): phase 1 where v comes as v.T
+// (the driver's run_dots). VDPBF16PS on 32 elements of x's row and of vt at a time: the pairs
+// lie side by side in memory, so nothing is interleaved or broadcast (band() spends two
+// permutes per two rows of v). 4 / MB accumulator chains, summed in fp32 as band() sums.
+template <int MB>
+PGSVD_BF16 void dots(const uint16_t* x, int64_t ldx, const uint16_t* vt, int64_t K, float* t) {
+  constexpr int Q = MB < 4 ? 4 / MB : 1;
+  __m512 acc[MB][Q];
+  for (int m = 0; m < MB; ++m)
+    for (int q = 0; q < Q; ++q) acc[m][q] = _mm512_setzero_ps();
+  const auto step = [&](int64_t c, __mmask32 mk, int q) PGSVD_BF16 {
+    const __m512bh w = (__m512bh)_mm512_maskz_loadu_epi16(mk, vt + c);
+    for (int m = 0; m < MB; ++m)
+      acc[m][q] = _mm512_dpbf16_ps(
+          acc[m][q], (__m512bh)_mm512_maskz_loadu_epi16(mk, x + m * ldx + c), w);
+  };
+  int64_t c = 0;
+  for (; c + 32 * Q <= K; c += 32 * Q)
+    for (int q = 0; q < Q; ++q) step(c + 32 * q, ~__mmask32(0), q);
+  for (int q = 0; c < K; c += 32, ++q) step(c, mask32(K - c), q);
+  for (int m = 0; m < MB; ++m) {
+    for (int q = 1; q < Q; ++q) acc[m][0] = _mm512_add_ps(acc[m][0], acc[m][q]);
+    t[m] = _mm512_reduce_add_ps(acc[m][0]);
+  }
+}
+
+// fp32: t[m] = <x[m, :K], vt[:K]> on 4 / MB chains of 16 lanes, the chains summed into fp64 every
+// kSpan columns (each lane has then summed kChunk products, as band() sums a chunk).
+template <int MB>
+PGSVD_F32 void dots(const float* x, int64_t ldx, const float* vt, int64_t K, double* t) {
+  constexpr int Q = MB < 4 ? 4 / MB : 1;
+  constexpr int64_t kSpan = kChunk * 16 * Q;
+  for (int m = 0; m < MB; ++m) t[m] = 0;
+  for (int64_t c0 = 0; c0 < K; c0 += kSpan) {
+    const int64_t c1 = std::min(K, c0 + kSpan);
+    __m512 acc[MB][Q];
+    for (int m = 0; m < MB; ++m)
+      for (int q = 0; q < Q; ++q) acc[m][q] = _mm512_setzero_ps();
+    const auto step = [&](int64_t c, __mmask16 mk, int q) PGSVD_F32 {
+      const __m512 w = _mm512_maskz_loadu_ps(mk, vt + c);
+      for (int m = 0; m < MB; ++m)
+        acc[m][q] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x + m * ldx + c), w, acc[m][q]);
+    };
+    int64_t c = c0;
+    for (; c + 16 * Q <= c1; c += 16 * Q)
+      for (int q = 0; q < Q; ++q) step(c + 16 * q, static_cast<__mmask16>(0xFFFF), q);
+    for (int q = 0; c < c1; c += 16, ++q) step(c, mask16(c1 - c), q);
+    for (int m = 0; m < MB; ++m) {
+      for (int q = 1; q < Q; ++q) acc[m][0] = _mm512_add_ps(acc[m][0], acc[m][q]);
+      const __m512d d = _mm512_add_pd(
+          _mm512_cvtps_pd(_mm512_castps512_ps256(acc[m][0])),
+          _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[m][0]), 1))));
+      t[m] += _mm512_reduce_add_pd(d);
+    }
+  }
+}
+
 // The set as the driver uses it. bf16: fp32 partials of t, handed to phase 2 as bf16 hi + lo;
 // fp32: fp64 partials, t rounded once to fp32.
 struct Isa {
@@ -214,8 +272,13 @@ struct Isa {
   static constexpr bool kStream = false;
   template <typename E, int MB>
   static constexpr int kRows = 1;
+  // v as v.T: phase 1 as dots() (decode::v_transposed).
   template <typename E>
-  static constexpr bool kDots = false;  // v as v.T: not taken (decode::f32_v_transposed)
+  static constexpr bool kDots = true;
+  template <int MB, typename E, typename P>
+  static void dots(const E* x, int64_t ldx, const E* vt, int64_t K, P* t) {
+    avx512::dots<MB>(x, ldx, vt, K, t);
+  }
   template <int MB, int P, typename E>
   static void rows(const E* hi, const E* lo, int64_t ldt, const E* u, int64_t, int64_t R,
                    const E* bias, E* y, int64_t ldy, const E* pf, int64_t) {

@@ -156,23 +156,40 @@ void split_rows(const std::vector<Group<E>>& groups, int64_t tid, int64_t nthr, 
   }
 }
 
-// The call with v given as v.T (Rt, K) (row stride ldvt), where the set has dots() (fp32 on
-// AVX2): phase 1 computes t[:, r] = x @ v.T[r] one row of v.T at a time, the rows split across
-// threads, each column of t computed whole and written where phase 2 reads it; a barrier;
-// phase 2. No partials to sum and one barrier fewer, and each thread reads its rows of v.T in
-// memory order on several accumulator chains, as phase 2 reads u, where streaming v's rows
-// kept the sums in L1, or bands swept them (fp32 above 4 rows): in an in-process A/B over
-// SmolLM2 pgsvd-40's linears on Zen 3, weights cold, the step's linears took 1.03x as long with
-// v in rows at one row of x, 1.02x at 2, 1.23x at 4, 1.42x at 8.
+// What phase 2 reads of entry e of t, from its sum in the partials' type: bf16 hi + lo (the
+// set's split handoff), or t rounded once to H.
+template <class Isa, typename E, typename P, typename H>
+inline void hand_off(P sum, H* hi, H* lo, int64_t e) {
+  if constexpr (Isa::template kSplit<E>) {
+    const c10::BFloat16 h(sum);
+    hi[e] = h.x;
+    lo[e] = c10::BFloat16(sum - static_cast<float>(h)).x;
+  } else {
+    hi[e] = static_cast<H>(sum);
+  }
+}
+
+// The call with v given as v.T (Rt, K) (row stride ldvt), where the set has dots(): phase 1
+// computes t[:, r] = x @ v.T[r] one row of v.T at a time, the rows split across threads, each
+// column of t computed whole and handed off where phase 2 reads it; a barrier; phase 2. No
+// partials to sum and one barrier fewer, and each thread reads its rows of v.T in memory order
+// on several accumulator chains, as phase 2 reads u. AVX2 (fp32), where streaming v's rows kept
+// the sums in L1 or bands swept them: in an in-process A/B over SmolLM2 pgsvd-40's linears on
+// Zen 3, weights cold, the step's linears took 1.03x as long with v in rows at one row of x,
+// 1.02x at 2, 1.23x at 4, 1.42x at 8. AVX-512: dots() needs no interleaving (bf16) and no
+// broadcasts.
 template <class Isa, int MB, typename E>
 void run_dots(const E* x, int64_t ldx, int64_t K, const E* vt, int64_t ldvt,
               const std::vector<Group<E>>& groups) {
+  using P = typename Isa::template Part<E>;
+  using H = typename Isa::template Hand<E>;
+  constexpr bool kSplit = Isa::template kSplit<E>;
   constexpr int64_t M = MB;
   const size_t G = groups.size();
-  // t: (M, W), group g's columns from off[g], zero up to a multiple of 32 (rows() reads them);
-  // x copied to (M, Kx), zero past K (dots() reads it 8 at a time).
+  // hi / lo: (M, W), group g's columns from off[g], zero up to a multiple of 32 (rows() reads
+  // them); x copied to (M, Kx), zero past K (AVX2's dots() reads it 8 at a time).
   std::vector<int64_t> off(G + 1, 0);
-  std::vector<Group<E>> vg;  // phase 1's rows: group g's rows of v.T, written to its columns
+  std::vector<Group<E>> vg;  // phase 1's rows: group g's rows of v.T, handed to its columns
   int64_t work = 0, Rt = 0;
   for (size_t g = 0; g < G; ++g) {
     off[g + 1] = off[g] + (groups[g].R + 31) / 32 * 32;
@@ -181,10 +198,13 @@ void run_dots(const E* x, int64_t ldx, int64_t K, const E* vt, int64_t ldvt,
     Rt += groups[g].R;
   }
   const int64_t W = off.back(), Kx = (K + 7) / 8 * 8;
-  thread_local std::vector<E> scratch;
-  scratch.assign(static_cast<size_t>(M * (W + Kx)), E(0));
-  E* t = scratch.data();
-  E* xs = t + M * W;
+  thread_local std::vector<H> handoff;
+  thread_local std::vector<E> xcopy;
+  handoff.assign(static_cast<size_t>((kSplit ? 2 : 1) * M * W), H(0));
+  xcopy.assign(static_cast<size_t>(M * Kx), E(0));
+  H* hi = handoff.data();
+  H* lo = kSplit ? hi + M * W : hi;
+  E* xs = xcopy.data();
   for (int64_t m = 0; m < M; ++m) std::copy(x + m * ldx, x + m * ldx + K, xs + m * Kx);
   int64_t nt = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, work / kGrainElems));
   nt = std::min(nt, Rt);
@@ -195,8 +215,11 @@ void run_dots(const E* x, int64_t ldx, int64_t K, const E* vt, int64_t ldvt,
 #endif
   auto body = [&](int64_t tid, int64_t nthr) {
     split_rows(vg, tid, nthr, [&](size_t g, int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        Isa::template dots<MB>(xs, Kx, vg[g].u + r * ldvt, K, t + off[g] + r, W);
+      for (int64_t r = r0; r < r1; ++r) {
+        P tr[MB];
+        Isa::template dots<MB>(xs, Kx, vg[g].u + r * ldvt, K, tr);
+        for (int64_t m = 0; m < M; ++m) hand_off<Isa, E>(tr[m], hi, lo, m * W + off[g] + r);
+      }
     });
 #ifdef _OPENMP
     if (nthr > 1) {
@@ -204,7 +227,7 @@ void run_dots(const E* x, int64_t ldx, int64_t K, const E* vt, int64_t ldvt,
     }
 #endif
     split_rows(groups, tid, nthr, [&](size_t g, int64_t n0, int64_t n1) {
-      phase2<Isa, MB>(t + off[g], t + off[g], W, groups[g], n0, n1);
+      phase2<Isa, MB>(hi + off[g], lo + off[g], W, groups[g], n0, n1);
     });
   };
   if (nt == 1) return body(0, 1);
@@ -274,13 +297,7 @@ void run(const E* x, int64_t ldx, int64_t K, const E* v, int64_t ldv, int64_t Rt
       P sum = 0;
       if (r < groups[g].R)
         for (int64_t p = 0; p < nthr; ++p) sum += pp[(p * M + m) * Rt + r0[g] + r];
-      if constexpr (kSplit) {
-        const c10::BFloat16 h(sum);
-        hi[e] = h.x;
-        lo[e] = c10::BFloat16(sum - static_cast<float>(h)).x;
-      } else {
-        hi[e] = static_cast<H>(sum);
-      }
+      hand_off<Isa, E>(sum, hi, lo, e);
     }
 #ifdef _OPENMP
     if (nthr > 1) {
@@ -344,8 +361,17 @@ int64_t max_rows_f32() {
   return has_avx2() ? avx2::Isa::kMaxM<float> : 0;
 }
 
+bool v_transposed(bool bf16) {
+  if (bf16) {
+    if (bf16_avx512()) return avx512::Isa::kDots<uint16_t>;
+    return bf16_avx2() && avx2::Isa::kDots<uint16_t>;
+  }
+  if (f32_avx512()) return avx512::Isa::kDots<float>;
+  return has_avx2() && avx2::Isa::kDots<float>;
+}
+
 void run(const c10::BFloat16* x, int64_t ldx, int64_t M, int64_t K, const c10::BFloat16* v,
-         int64_t ldv, int64_t Rt, const std::vector<Group<c10::BFloat16>>& groups) {
+         int64_t ldv, int64_t Rt, const std::vector<Group<c10::BFloat16>>& groups, bool v_t) {
   std::vector<Group<uint16_t>> gs;
   for (const auto& g : groups)
     gs.push_back({reinterpret_cast<const uint16_t*>(g.u), g.ldu, g.N, g.R,
@@ -353,11 +379,10 @@ void run(const c10::BFloat16* x, int64_t ldx, int64_t M, int64_t K, const c10::B
                   g.ldy});
   const auto* xs = reinterpret_cast<const uint16_t*>(x);
   const auto* vs = reinterpret_cast<const uint16_t*>(v);
-  if (bf16_avx512()) return dispatch<avx512::Isa>(xs, ldx, M, K, vs, ldv, Rt, gs);
-  dispatch<avx2::Isa>(xs, ldx, M, K, vs, ldv, Rt, gs);
+  if (bf16_avx512()) return dispatch<avx512::Isa>(xs, ldx, M, K, vs, ldv, Rt, gs, v_t);
+  dispatch<avx2::Isa>(xs, ldx, M, K, vs, ldv, Rt, gs, v_t);
 }
 
-bool f32_v_transposed() { return !f32_avx512() && has_avx2(); }
 
 void run(const float* x, int64_t ldx, int64_t M, int64_t K, const float* v, int64_t ldv,
          int64_t Rt, const std::vector<Group<float>>& groups, bool v_t) {
@@ -369,9 +394,9 @@ void run(const float* x, int64_t ldx, int64_t M, int64_t K, const float* v, int6
 
 int64_t max_rows_bf16() { return 0; }
 int64_t max_rows_f32() { return 0; }
-bool f32_v_transposed() { return false; }
+bool v_transposed(bool) { return false; }
 void run(const c10::BFloat16*, int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, int64_t,
-         const std::vector<Group<c10::BFloat16>>&) {}
+         const std::vector<Group<c10::BFloat16>>&, bool) {}
 void run(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t,
          const std::vector<Group<float>>&, bool) {}
 

@@ -35,15 +35,17 @@ int64_t max_rows_f32();
 // Serve with the AVX2 kernels even where AVX-512 ones exist (tests cover both on one CPU).
 void force_avx2(bool on);
 
-// True when the fp32 kernels read v fastest as v.T, (Rt, K) row-major (a (K, Rt) tensor of strides
-// (1, K)): the AVX2 set, where phase 1 then runs as dot products (lowrank_decode_cpu.cpp).
-bool f32_v_transposed();
+// True when the kernels of this dtype (bf16, else fp32) read v fastest as v.T, (Rt, K)
+// row-major (a (K, Rt) tensor of strides (1, K)): phase 1 then runs as dot products
+// (lowrank_decode_cpu.cpp, run_dots).
+bool v_transposed(bool bf16);
 
 // Every group's y_g = (x @ v)[:, its columns] @ u_g.T + bias_g in one parallel region.
-// x: (M, K), row stride ldx; v: (K, Rt), row stride ldv, Rt = sum of the groups' R; fp32 with
-// v_t: v given as v.T, (Rt, K) with row stride ldv (only where f32_v_transposed()).
+// x: (M, K), row stride ldx; v: (K, Rt), row stride ldv, Rt = sum of the groups' R; with
+// v_t: v given as v.T, (Rt, K) with row stride ldv (only where v_transposed(dtype)).
 void run(const c10::BFloat16* x, int64_t ldx, int64_t M, int64_t K, const c10::BFloat16* v,
-         int64_t ldv, int64_t Rt, const std::vector<Group<c10::BFloat16>>& groups);
+         int64_t ldv, int64_t Rt, const std::vector<Group<c10::BFloat16>>& groups,
+         bool v_t = false);
 void run(const float* x, int64_t ldx, int64_t M, int64_t K, const float* v, int64_t ldv,
          int64_t Rt, const std::vector<Group<float>>& groups, bool v_t = false);
 

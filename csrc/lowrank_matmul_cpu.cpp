@@ -466,9 +466,9 @@ std::vector<at::Tensor> decode_groups(const at::Tensor& x2, const std::vector<at
                                       const at::Tensor& v_cat,
                                       const std::vector<at::Tensor>& biases, bool merged) {
   const int64_t M = x2.size(0);
-  // v as v.T (Rt, K) row-major, where the kernels read it so (decode::f32_v_transposed).
-  const bool v_t = std::is_same_v<E, float> && v_cat.stride(1) != 1 && v_cat.stride(0) == 1 &&
-                   decode::f32_v_transposed();
+  // v as v.T (Rt, K) row-major, where the kernels read it so (decode::v_transposed).
+  const bool v_t = v_cat.stride(1) != 1 && v_cat.stride(0) == 1 &&
+                   decode::v_transposed(!std::is_same_v<E, float>);
   const at::Tensor vc = v_t || v_cat.stride(1) == 1 ? v_cat : v_cat.contiguous();
   std::vector<at::Tensor> keep, ys;  // contiguous operands live until the kernel returns
   std::vector<decode::Group<E>> groups;
@@ -486,13 +486,8 @@ std::vector<at::Tensor> decode_groups(const at::Tensor& x2, const std::vector<at
                       bg.defined() ? bg.data_ptr<E>() : nullptr, y,
                       merged ? n_total : ug.size(0)});
   }
-  if constexpr (std::is_same_v<E, float>) {
-    decode::run(x2.data_ptr<E>(), x2.stride(0), M, x2.size(1), vc.data_ptr<E>(),
-                v_t ? vc.stride(1) : vc.stride(0), vc.size(1), groups, v_t);
-  } else {
-    decode::run(x2.data_ptr<E>(), x2.stride(0), M, x2.size(1), vc.data_ptr<E>(), vc.stride(0),
-                vc.size(1), groups);
-  }
+  decode::run(x2.data_ptr<E>(), x2.stride(0), M, x2.size(1), vc.data_ptr<E>(),
+              v_t ? vc.stride(1) : vc.stride(0), vc.size(1), groups, v_t);
   return ys;
 }
 

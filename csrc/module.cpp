@@ -19,7 +19,7 @@ bool available();                             // lowrank_bf16_cpu.cpp
 namespace decode {
 int64_t max_rows_bf16();                      // lowrank_decode_cpu.cpp
 int64_t max_rows_f32();
-bool f32_v_transposed();
+bool v_transposed(bool bf16);
 void force_avx2(bool on);
 }  // namespace decode
 }  // namespace pgsvd
@@ -49,7 +49,8 @@ pybind11::dict build_info() {
   d["cpu_avx512_bf16"] = pgsvd::bf16::available();
   d["decode_max_rows"] = pybind11::make_tuple(pgsvd::decode::max_rows_bf16(),
                                               pgsvd::decode::max_rows_f32());
-  d["decode_f32_v_transposed"] = pgsvd::decode::f32_v_transposed();
+  d["decode_v_transposed"] = pybind11::make_tuple(pgsvd::decode::v_transposed(true),
+                                                  pgsvd::decode::v_transposed(false));
   return d;
 }
 
@@ -59,9 +60,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pgsvd_rt native kernels; importing registers CPU (and CUDA) impls of pgsvd ops";
   m.def("build_info", &build_info,
         "compiler, with_cuda, torch version, ops, cpu_avx512(_bf16), decode_max_rows (bf16, fp32), "
-        "decode_f32_v_transposed");
-  m.def("decode_f32_v_transposed", &pgsvd::decode::f32_v_transposed,
-        "whether the fp32 decode kernels read v (K, R) fastest as v.T, (R, K) row-major");
+        "decode_v_transposed (bf16, fp32)");
+  m.def("decode_v_transposed", &pgsvd::decode::v_transposed, pybind11::arg("bf16"),
+        "whether the decode kernels of bf16 (else fp32) read v (K, R) fastest as v.T, (R, K) "
+        "row-major");
   m.def("decode_force_avx2", &pgsvd::decode::force_avx2, pybind11::arg("on"),
         "serve the decode kernels with the AVX2 set even on an AVX-512 CPU (tests cover both)");
   m.def(

@@ -103,16 +103,16 @@ def native_available() -> bool:
 
 def decode_layout(v: torch.Tensor) -> torch.Tensor:
     """v (K, R) laid out as this machine's decode kernels read it fastest, for a model that only
-    serves (an engine's weights after loading): fp32 on a CPU whose decode kernels take v.T
-    (the AVX2 set: ``csrc/lowrank_decode_cpu.h``, ``f32_v_transposed``) gets a (K, R) view of a
-    contiguous (R, K) copy; anything else is returned as is. Every op takes either layout
-    (the library GEMMs read both); where the decode kernels do not take v.T they copy it per call.
+    serves (an engine's weights after loading): where the CPU decode kernels of v's dtype take
+    v.T (``csrc/lowrank_decode_cpu.h``, ``v_transposed``), a (K, R) view of a contiguous (R, K)
+    copy; anything else is returned as is. Every op takes either layout (the library GEMMs read
+    both); where the decode kernels do not take v.T they copy it per call.
     """
-    if (v.dim() == 2 and v.device.type == "cpu" and v.dtype == torch.float32
+    if (v.dim() == 2 and v.device.type == "cpu" and v.dtype in (torch.float32, torch.bfloat16)
             and _backends.NATIVE_LOADED):
         from pgsvd_rt.ops import _native
 
-        if _native.module.decode_f32_v_transposed():
+        if _native.module.decode_v_transposed(v.dtype == torch.bfloat16):
             return v.t().contiguous().t()
     return v
 

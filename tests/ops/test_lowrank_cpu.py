@@ -128,12 +128,13 @@ def test_native_merged_is_grouped_side_by_side(M, dtype, decode_isa):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 11, 40])
 def test_native_v_transposed_matches_fp64(M, dtype, decode_isa):
-    """v given as v.T (strides (1, K), what ``ops.decode_layout`` makes where the fp32 kernels
-    read it so): the AVX2 set computes phase 1 as dot products on the rows of v.T (fp32, M <= 8;
-    8 / M chains, fp64 sums every 512 (M = 8) to 4096 columns, K not a multiple of 8);
-    every other path copies v or hands it to a library GEMM. Single and merged (a group of
-    rank 1 among them: alone, a (K, 1) v has no transposed layout), with bias."""
-    for K, N, R in ((1000, 130, 37), (37, 41, 7), (300, 5, 3)):
+    """v given as v.T (strides (1, K), what ``ops.decode_layout`` makes where the decode kernels
+    read it so): their phase 1 runs as dot products on the rows of v.T (the AVX-512 set: bf16 at
+    M <= 4 on pairs in memory order, fp32 at M <= 16, fp64 sums every 1024 to 4096 columns; the
+    AVX2 set: fp32 at M <= 8, every 512 to 4096), K not a multiple of 8 nor of 32; every other
+    path copies v or hands it to a library GEMM. Single and merged (a group of rank 1 among
+    them: alone, a (K, 1) v has no transposed layout), with bias."""
+    for K, N, R in ((1000, 130, 37), (37, 41, 7), (300, 5, 3), (2100, 20, 9)):
         x, u, v, b = lowrank_factors(M, K, N, R, dtype, "cpu", True, "contig", seed=M + K)
         vt = v.t().contiguous().t()
         assert vt.stride() == (1, K)
@@ -154,18 +155,20 @@ def test_native_v_transposed_matches_fp64(M, dtype, decode_isa):
 
 
 def test_decode_layout_is_what_the_kernels_take(decode_isa):
-    """fp32 on the AVX2 set: v.T laid out (a (K, R) view, same values); else v itself."""
-    v = torch.randn(37, 7)
-    transposed = _native.module.decode_f32_v_transposed()
+    """v.T laid out (a (K, R) view, same values) for the dtypes whose decode kernels take it: both
+    on the AVX-512 set (bf16 where the CPU has AVX512-BF16), fp32 on the AVX2 set; else v itself."""
     flags = cpu_flags()
-    if decode_isa == "avx2" or not {"avx512f", "avx512bw", "avx512vl"} <= flags:
-        assert transposed == ({"avx2", "fma"} <= flags)
-    else:
-        assert not transposed
-    out = ops.decode_layout(v)
-    assert out.stride() == ((1, 37) if transposed else (7, 1))
-    torch.testing.assert_close(out, v, rtol=0, atol=0)
-    assert ops.decode_layout(v.bfloat16()).stride() == (7, 1)
+    avx512 = decode_isa != "avx2" and {"avx512f", "avx512bw", "avx512vl"} <= flags
+    avx2 = {"avx2", "fma"} <= flags
+    want = {torch.float32: avx512 or avx2,
+            torch.bfloat16: avx512 and "avx512_bf16" in flags}
+    for dtype, transposed in want.items():
+        v = torch.randn(37, 7).to(dtype)
+        assert _native.module.decode_v_transposed(dtype == torch.bfloat16) == transposed, dtype
+        out = ops.decode_layout(v)
+        assert out.stride() == ((1, 37) if transposed else (7, 1)), dtype
+        torch.testing.assert_close(out, v, rtol=0, atol=0)
+    assert ops.decode_layout(torch.randn(37, 7).half()).stride() == (7, 1)
 
 
 def test_decode_kernels_serve_where_the_cpu_can():
