@@ -3,8 +3,8 @@
 // for M <= 8 on AVX2 CPUs without AVX-512 (csrc/decode_avx2.h). y_g = (x @ v_cat)[:, group g] @
 // u_g.T + bias_g for the G groups sharing x, in ONE parallel region (one fork/join per call).
 // This file is the driver the kernel sets share (threads, phases, handoff); each set supplies
-// band() (phase 1 on a band of v's columns) or stream() (on whole rows), and rows() (phase 2 on
-// kRows rows of u).
+// band() (phase 1 on a band of v's columns) or stream() (on whole rows), dots() (phase 1 on a
+// row of v.T, where v comes so), and rows() (phase 2 on kRows rows of u).
 //
 // A decode step is memory-bound: the factors are read once and each element is used M times, so
 // the kernel must issue few instructions per byte to keep up with memory. The one-pass kernel of
@@ -22,6 +22,11 @@
 //   phase 2 (y = t @ u.T + bias): the rows of all groups' u are split across threads; pairs
 //     (u[n, 2j], u[n, 2j+1]) already lie side by side, so a row is dotted with hi and lo directly,
 //     one row at a time; one rounding to bf16 on store.
+//   where v comes as v.T (ops.decode_layout, applied by the vLLM method after loading), phase 1
+//     is instead dot products on its rows (dots(), run_dots: pairs side by side in memory, no
+//     interleaving; no partials, one barrier): on an AMD EPYC Zen 4 the linears of one
+//     SmolLM2-135M pgsvd-40 decode step took 1.12x / 1.24x / 1.07x as long with v in rows at
+//     M = 1 / 2 / 4 in bf16, 1.04x-1.18x at M = 1-16 in fp32 (benchmarks/bench_layers.py, op-rows).
 // Both phases prefetch ahead into L2 in step with their loads (one line per line read): with
 // the weights in DRAM (every real model: they are read once per token) phase 1 streamed up to
 // 1.4x faster than with L1 prefetches (AMD EPYC; benchmarks/bench_layers.py measures the kernels

@@ -428,27 +428,41 @@ std::vector<at::Tensor> small_m_typed(const at::Tensor& x2, const std::vector<at
 
 // bf16 at M > 4 on AVX512-BF16: t = x @ v_cat once (fp32), each group's slice of t rounded to
 // bf16 (zero-padded to an even width: the kernel reads R in pairs), then y_g = t_g @ u_g.T + b_g.
+// v_cat given as v.T (what ops.decode_layout makes for the decode kernels) is not copied: each
+// group's t_g = x @ v_g is then tu(x, v_g.T), rounded to bf16 from its fp32 sums as above (K
+// even: tu reads x in pairs).
 std::vector<at::Tensor> bf16_gemms(const at::Tensor& x2, const std::vector<at::Tensor>& us,
                                    const at::Tensor& v_cat, const std::vector<at::Tensor>& biases) {
   using c10::BFloat16;
   const int64_t M = x2.size(0), K = x2.size(1), Rt = v_cat.size(1);
-  const at::Tensor vc = v_cat.stride(1) == 1 ? v_cat : v_cat.contiguous();
-  at::Tensor t = at::empty({M, Rt}, x2.options().dtype(at::kFloat));
-  bf16::xv(x2.data_ptr<BFloat16>(), K, M, K, vc.data_ptr<BFloat16>(), vc.stride(0), Rt,
-           t.data_ptr<float>(), Rt);
-  const float* tp = t.data_ptr<float>();
+  const bool v_t = v_cat.stride(1) != 1 && v_cat.stride(0) == 1 && K % 2 == 0;
+  const at::Tensor vc = v_t || v_cat.stride(1) == 1 ? v_cat : v_cat.contiguous();
+  at::Tensor t;
+  if (!v_t) {
+    t = at::empty({M, Rt}, x2.options().dtype(at::kFloat));
+    bf16::xv(x2.data_ptr<BFloat16>(), K, M, K, vc.data_ptr<BFloat16>(), vc.stride(0), Rt,
+             t.data_ptr<float>(), Rt);
+  }
   std::vector<at::Tensor> ys;
   int64_t r0 = 0;
   for (size_t g = 0; g < us.size(); ++g) {
     const int64_t N = us[g].size(0), R = us[g].size(1), ld = R + (R & 1);
     at::Tensor tb = at::empty({M, ld}, x2.options());
     BFloat16* tbp = tb.data_ptr<BFloat16>();
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / ld), [&](int64_t b, int64_t e) {
-      for (int64_t m = b; m < e; ++m) {
-        for (int64_t r = 0; r < R; ++r) tbp[m * ld + r] = BFloat16(tp[m * Rt + r0 + r]);
-        if (ld > R) tbp[m * ld + R] = BFloat16(0.f);
-      }
-    });
+    if (v_t) {
+      bf16::tu(x2.data_ptr<BFloat16>(), K, M, vc.data_ptr<BFloat16>() + r0 * vc.stride(1),
+               vc.stride(1), R, K, nullptr, tbp, ld);
+      if (ld > R)
+        for (int64_t m = 0; m < M; ++m) tbp[m * ld + R] = BFloat16(0.f);
+    } else {
+      const float* tp = t.data_ptr<float>();
+      at::parallel_for(0, M, std::max<int64_t>(1, 16384 / ld), [&](int64_t b, int64_t e) {
+        for (int64_t m = b; m < e; ++m) {
+          for (int64_t r = 0; r < R; ++r) tbp[m * ld + r] = BFloat16(tp[m * Rt + r0 + r]);
+          if (ld > R) tbp[m * ld + R] = BFloat16(0.f);
+        }
+      });
+    }
     const at::Tensor ug = us[g].stride(1) == 1 ? us[g] : us[g].contiguous();
     const at::Tensor bg = biases[g].defined() ? biases[g].contiguous() : at::Tensor();
     ys.push_back(at::empty({M, N}, x2.options()));
