@@ -236,7 +236,8 @@ struct Isa {
   }
   template <int MB, typename E, typename P>
   static void dots(const E* x, int64_t ldx, const E* vt, int64_t K, P* t) {
-    if constexpr (sizeof(E) == 4) avx2::dots<MB>(x, ldx, vt, K, t);
+    static_assert(sizeof(E) == 4, "AVX2 dots(): fp32 only (kDots)");
+    avx2::dots<MB>(x, ldx, vt, K, t);
   }
   template <int MB, int P, typename E>
   static void rows(const float* hi, const float*, int64_t ldt, const E* u, int64_t ldu, int64_t R,
