@@ -272,9 +272,8 @@ struct Isa {
   static constexpr bool kStream = false;
   template <typename E, int MB>
   static constexpr int kRows = 1;
-  // v as v.T: phase 1 as dots() (decode::v_transposed). With v in rows (band()) the linears of
-  // a SmolLM2-135M pgsvd-40 step took 1.11-1.15x as long in bf16 at 1-4 rows, 1.07-1.12x in fp32
-  // at 1-16 (bench_layers.py, op-rows; Zen 4).
+  // v as v.T: phase 1 as dots() (decode::v_transposed; what it buys over band(): the driver's
+  // header).
   template <typename E>
   static constexpr bool kDots = true;
   template <int MB, typename E, typename P>

@@ -25,8 +25,9 @@
 //   where v comes as v.T (ops.decode_layout, applied by the vLLM method after loading), phase 1
 //     is instead dot products on its rows (dots(), run_dots: pairs side by side in memory, no
 //     interleaving; no partials, one barrier): on an AMD EPYC Zen 4 the linears of one
-//     SmolLM2-135M pgsvd-40 decode step took 1.12x / 1.24x / 1.07x as long with v in rows at
-//     M = 1 / 2 / 4 in bf16, 1.04x-1.18x at M = 1-16 in fp32 (benchmarks/bench_layers.py, op-rows).
+//     SmolLM2-135M pgsvd-40 decode step took 1.11x / 1.12x / 1.15x as long with v in rows at
+//     M = 1 / 2 / 4 in bf16, 1.07x-1.12x at M = 1-16 in fp32 (benchmarks/bench_layers.py,
+//     op-rows; results ...-avx512-bf16-2026-12-06-layers-*).
 // Both phases prefetch ahead into L2 in step with their loads (one line per line read): with
 // the weights in DRAM (every real model: they are read once per token) phase 1 streamed up to
 // 1.4x faster than with L1 prefetches (AMD EPYC; benchmarks/bench_layers.py measures the kernels

@@ -426,6 +426,9 @@ std::vector<at::Tensor> small_m_typed(const at::Tensor& x2, const std::vector<at
   return ys;
 }
 
+// True when v (K, R) is a view of v.T, (R, K) row-major: what ops.decode_layout makes.
+bool is_v_transposed(const at::Tensor& v) { return v.stride(1) != 1 && v.stride(0) == 1; }
+
 // bf16 at M > 4 on AVX512-BF16: t = x @ v_cat once (fp32), each group's slice of t rounded to
 // bf16 (zero-padded to an even width: the kernel reads R in pairs), then y_g = t_g @ u_g.T + b_g.
 // v_cat given as v.T (what ops.decode_layout makes for the decode kernels) is not copied: each
@@ -435,7 +438,7 @@ std::vector<at::Tensor> bf16_gemms(const at::Tensor& x2, const std::vector<at::T
                                    const at::Tensor& v_cat, const std::vector<at::Tensor>& biases) {
   using c10::BFloat16;
   const int64_t M = x2.size(0), K = x2.size(1), Rt = v_cat.size(1);
-  const bool v_t = v_cat.stride(1) != 1 && v_cat.stride(0) == 1 && K % 2 == 0;
+  const bool v_t = is_v_transposed(v_cat) && K % 2 == 0;
   const at::Tensor vc = v_t || v_cat.stride(1) == 1 ? v_cat : v_cat.contiguous();
   at::Tensor t;
   if (!v_t) {
@@ -481,8 +484,7 @@ std::vector<at::Tensor> decode_groups(const at::Tensor& x2, const std::vector<at
                                       const std::vector<at::Tensor>& biases, bool merged) {
   const int64_t M = x2.size(0);
   // v as v.T (Rt, K) row-major, where the kernels read it so (decode::v_transposed).
-  const bool v_t = v_cat.stride(1) != 1 && v_cat.stride(0) == 1 &&
-                   decode::v_transposed(!std::is_same_v<E, float>);
+  const bool v_t = is_v_transposed(v_cat) && decode::v_transposed(!std::is_same_v<E, float>);
   const at::Tensor vc = v_t || v_cat.stride(1) == 1 ? v_cat : v_cat.contiguous();
   std::vector<at::Tensor> keep, ys;  // contiguous operands live until the kernel returns
   std::vector<decode::Group<E>> groups;
