@@ -1,19 +1,21 @@
-"""The linear layers of one decode step, as an engine calls them: our op against dense (CPU).
+"""The linear layers of one model step, as an engine calls them: our op against dense (CPU).
 
     python benchmarks/bench_layers.py --ckpt DIR [--dtype bfloat16] [--m 1 4] [--rounds 30] \\
         [--out benchmarks/results]
 
 Loads a factored checkpoint (``load_factored``), groups q/k/v and gate/up as vLLM merges them
 (``pgsvd_rt.nn.group_projections_``) and times one pass over every factored linear of the model
-in forward order: the linear part of one decode step, weights cold as in a real step (a model's
-layers do not fit in the last-level cache; a 64 MiB read between rounds makes sure). Providers,
-interleaved round by round:
+in forward order: the linear part of one model step of M tokens (a batch of decodes, or a
+prompt), weights cold as in a real step (a model's layers do not fit in the last-level cache; a
+64 MiB read between rounds makes sure). The ideal is the same at every M: factored and dense
+differ by the number of weights, which sets both the bytes read (decode) and the FLOPs
+(prefill). Providers, interleaved round by round:
 
-- ``op``: ``pgsvd::lowrank_matmul_merged`` for a merged layer and ``lowrank_matmul``
-  otherwise, exactly as the vLLM method's ``apply`` calls them, v laid out by
-  ``ops.decode_layout`` as the method lays it out after loading;
-- ``op-rows``: the same with v in rows, (K, R) row-major, where ``decode_layout`` lays it out
-  otherwise (what that layout buys);
+- ``op``: exactly what the vLLM method's ``apply`` calls: ``pgsvd::lowrank_matmul_packed`` on
+  the layer's factors packed once (``ops.pack_factors``) where this CPU has packed kernels, else
+  ``lowrank_matmul_merged`` / ``lowrank_matmul`` with v laid out by ``ops.decode_layout``;
+- ``op-unpacked``: where ``op`` is packed, the unpacked op as ``load_factored`` and
+  ``from_pretrained`` models call it (v as ``ops.decode_layout`` lays it out);
 - ``two-matmul``: ``(x @ v) @ u.T`` in torch (per projection of a merged layer), the naive
   version;
 - ``dense``: ``F.linear`` on dense weights of the merged shapes (random values: latency does
@@ -49,7 +51,7 @@ from pgsvd_rt.nn import GroupedLowRankLinear, LowRankLinear, group_projections_ 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # Providers that read the factors (the rest read dense weights).
-FACTORED = ("op", "op-rows", "two-matmul")
+FACTORED = ("op", "op-unpacked", "two-matmul")
 KINDS = {"qkv_group": "qkv", "gate_up_group": "gate/up", "o_proj": "o", "down_proj": "down"}
 
 
@@ -67,11 +69,10 @@ def step_layers(ckpt: str, dtype: torch.dtype) -> list[dict]:
         else:
             continue
         b = None if b is None else b.detach()
-        v_rows = v.contiguous()
-        v = ops.decode_layout(v_rows)  # as the vLLM method lays it out after loading
+        v = v.contiguous()
         N, K = sum(u.shape[0] for u in us), v.shape[0]
-        layers.append({"kind": KINDS.get(leaf, leaf), "us": us, "v": v, "v_rows": v_rows,
-                       "bias": b,
+        layers.append({"kind": KINDS.get(leaf, leaf), "us": us, "v": ops.decode_layout(v),
+                       "bias": b, "packed": ops.pack_factors(us, v),
                        "N": N, "K": K, "W": torch.randn(N, K, dtype=dtype),
                        "factor_bytes": (sum(u.numel() for u in us) + v.numel())
                        * v.element_size(), "dense_bytes": N * K * v.element_size()})
@@ -80,10 +81,15 @@ def step_layers(ckpt: str, dtype: torch.dtype) -> list[dict]:
 
 def providers(layers: list[dict]) -> dict:
     """name -> fn(layer, x): one call of that layer."""
-    def op(ly, x, v="v"):
+    def unpacked(ly, x):
         if len(ly["us"]) == 1:
-            return ops.lowrank_matmul(x, ly["us"][0], ly[v], ly["bias"])
-        return ops.lowrank_matmul_merged(x, ly["us"], ly[v], ly["bias"])
+            return ops.lowrank_matmul(x, ly["us"][0], ly["v"], ly["bias"])
+        return ops.lowrank_matmul_merged(x, ly["us"], ly["v"], ly["bias"])
+
+    def op(ly, x):  # as the vLLM method's apply
+        if ly["packed"] is not None:
+            return ops.lowrank_matmul_packed(x, ly["packed"], ly["bias"])
+        return unpacked(ly, x)
 
     def two_matmul(ly, x):  # the naive version: torch's own two matmuls per projection
         t, ys, r0 = x @ ly["v"], [], 0
@@ -95,8 +101,8 @@ def providers(layers: list[dict]) -> dict:
 
     out = {"op": op, "two-matmul": two_matmul,
            "dense": lambda ly, x: torch.nn.functional.linear(x, ly["W"], ly["bias"])}
-    if any(ly["v"].stride() != ly["v_rows"].stride() for ly in layers):
-        out["op-rows"] = lambda ly, x: op(ly, x, "v_rows")  # what the layout buys
+    if any(ly["packed"] is not None for ly in layers):
+        out["op-unpacked"] = unpacked
     try:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
     except ImportError:

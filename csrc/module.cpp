@@ -22,6 +22,9 @@ int64_t max_rows_f32();
 bool v_transposed(bool bf16);
 void force_avx2(bool on);
 }  // namespace decode
+namespace packed {
+bool kernels(bool bf16);                      // lowrank_packed_cpu.cpp
+}  // namespace packed
 }  // namespace pgsvd
 
 namespace {
@@ -44,13 +47,15 @@ pybind11::dict build_info() {
 #endif
   d["torch"] = std::string(TORCH_VERSION);
   d["ops"] = pybind11::make_tuple("als_solve", "lowrank_matmul", "lowrank_matmul_grouped",
-                                 "lowrank_matmul_merged");
+                                 "lowrank_matmul_merged", "lowrank_matmul_packed");
   d["cpu_avx512"] = pgsvd::lowrank_cpu_avx512();
   d["cpu_avx512_bf16"] = pgsvd::bf16::available();
   d["decode_max_rows"] = pybind11::make_tuple(pgsvd::decode::max_rows_bf16(),
                                               pgsvd::decode::max_rows_f32());
   d["decode_v_transposed"] = pybind11::make_tuple(pgsvd::decode::v_transposed(true),
                                                   pgsvd::decode::v_transposed(false));
+  d["packed_kernels"] = pybind11::make_tuple(pgsvd::packed::kernels(true),
+                                             pgsvd::packed::kernels(false));
   return d;
 }
 
@@ -64,6 +69,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_v_transposed", &pgsvd::decode::v_transposed, pybind11::arg("bf16"),
         "whether the decode kernels of bf16 (else fp32) read v (K, R) fastest as v.T, (R, K) "
         "row-major");
+  m.def("packed_kernels", &pgsvd::packed::kernels, pybind11::arg("bf16"),
+        "whether lowrank_matmul_packed has kernels for bf16 (else fp32) on this CPU");
   m.def("decode_force_avx2", &pgsvd::decode::force_avx2, pybind11::arg("on"),
         "serve the decode kernels with the AVX2 set even on an AVX-512 CPU (tests cover both)");
   m.def(

@@ -248,7 +248,6 @@ class PGSVDLinearMethod(LinearMethodBase):
                     raise ValueError(f"pgsvd: tensor {name}.{key} is missing from the checkpoint "
                                      f"(layer {layer.prefix!r})")
         n_loc = layer.pgsvd_n_local
-        layer.v.data = ops.decode_layout(layer.v.data)  # v.T where the CPU kernels read it so
         layer.pgsvd_us = [
             layer.u.data[layer.pgsvd_u_off[g]:layer.pgsvd_u_off[g] + n_loc[g] * self.ranks[g]]
             .view(n_loc[g], self.ranks[g]) for g in self.factored]
@@ -258,6 +257,18 @@ class PGSVDLinearMethod(LinearMethodBase):
                                    and _tp_reduce_mode() == "rank")
         if layer.pgsvd_reduce_rank:
             layer.reduce_results = False
+        # Packed once for the CPU kernels where this machine has them (every M: decode, batches,
+        # prefill); u and v are then dropped. Elsewhere v.T where the decode kernels read it so.
+        layer.pgsvd_packed = None if layer.pgsvd_reduce_rank else ops.pack_factors(
+            layer.pgsvd_us, layer.v.data)
+        if layer.pgsvd_packed is not None:
+            w = Parameter(layer.pgsvd_packed.w, requires_grad=False)
+            layer.register_parameter("pgsvd_w", w)
+            layer.pgsvd_packed = ops.PackedFactors(w, layer.pgsvd_packed.ns,
+                                                   layer.pgsvd_packed.rs)
+            layer.u.data, layer.v.data, layer.pgsvd_us = layer.u.data[:0], layer.v.data[:0], None
+        else:
+            layer.v.data = ops.decode_layout(layer.v.data)
 
     # ---- compute ----------------------------------------------------------------------------
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -268,12 +279,18 @@ class PGSVDLinearMethod(LinearMethodBase):
             full_bias = None if layer.skip_bias_add else layer.bias
             y = t @ layer.pgsvd_us[0].t()
             return y if full_bias is None else y + full_bias
+        packed = layer.pgsvd_packed
         if not self.dense:
+            if packed is not None:
+                return ops.lowrank_matmul_packed(x, packed, bias)
             if len(self.factored) == 1:
                 return ops.lowrank_matmul(x, layer.pgsvd_us[0], layer.v, bias)
             return ops.lowrank_matmul_merged(x, layer.pgsvd_us, layer.v, bias)
         outs: dict[int, torch.Tensor] = {}
-        if len(self.factored) == 1:
+        if packed is not None:
+            outs.update(zip(self.factored,
+                            ops.lowrank_matmul_packed(x, packed).split(list(packed.ns), -1)))
+        elif len(self.factored) == 1:
             outs[self.factored[0]] = ops.lowrank_matmul(x, layer.pgsvd_us[0], layer.v)
         elif self.factored:
             outs.update(zip(self.factored,

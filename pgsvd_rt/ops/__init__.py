@@ -29,11 +29,14 @@ A missing backend (no Triton, no compiled extension) is logged once and the defa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from pgsvd_rt.ops import (
     _backends,
     _library,  # noqa: F401  (defines the schemas)
+    packed,
 )
 
 _backends.load_all()
@@ -41,6 +44,7 @@ _LOWRANK = torch.ops.pgsvd.lowrank_matmul.default
 _GROUPED = torch.ops.pgsvd.lowrank_matmul_grouped.default
 _MERGED = torch.ops.pgsvd.lowrank_matmul_merged.default
 _INT8 = torch.ops.pgsvd.lowrank_matmul_int8.default
+_PACKED = torch.ops.pgsvd.lowrank_matmul_packed.default
 
 
 def _call(op, *args):
@@ -152,6 +156,59 @@ def lowrank_matmul_merged(
     return _call(_MERGED, x, list(us), v_cat, bias_cat)
 
 
+@dataclass(frozen=True, eq=False)
+class PackedFactors:
+    """One layer's factors packed for serving (:mod:`pgsvd_rt.ops.packed`).
+
+    Attributes:
+        w: the packed 1-D tensor.
+        ns, rs: each group's N and R, in the order of the output's columns.
+    """
+
+    w: torch.Tensor
+    ns: tuple[int, ...]
+    rs: tuple[int, ...]
+
+
+def packed_kernels(dtype: torch.dtype) -> bool:
+    """True when this CPU has kernels for factors of ``dtype`` packed by :func:`pack_factors`."""
+    if dtype not in (torch.float32, torch.bfloat16) or not _backends.NATIVE_LOADED:
+        return False
+    from pgsvd_rt.ops import _native
+
+    return bool(_native.module.packed_kernels(dtype == torch.bfloat16))
+
+
+def pack_factors(us: list[torch.Tensor], v_cat: torch.Tensor) -> PackedFactors | None:
+    """The factors of one (merged) layer packed for :func:`lowrank_matmul_packed`, where this
+    machine has packed kernels for them (CPU, bf16 or fp32, the native extension built, a CPU
+    the kernels run on); None otherwise (serve with the unpacked ops).
+
+    Args:
+        us: G left factors (N_g, R_g).
+        v_cat: (K, R_1 + ... + R_G), the right factors side by side.
+    """
+    if v_cat.device.type != "cpu" or not packed_kernels(v_cat.dtype):
+        return None
+    return PackedFactors(packed.pack(list(us), v_cat), tuple(int(u.shape[0]) for u in us),
+                         tuple(int(u.shape[1]) for u in us))
+
+
+def lowrank_matmul_packed(x: torch.Tensor, p: PackedFactors,
+                          bias_cat: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`lowrank_matmul_merged` on factors packed by :func:`pack_factors` (inference).
+
+    Args:
+        x: (..., K) activations, the factors' dtype.
+        p: the packed factors.
+        bias_cat: (N_1 + ... + N_G,) or None.
+
+    Returns:
+        (..., N_1 + ... + N_G) in x's dtype.
+    """
+    return _call(_PACKED, x, p.w, list(p.ns), list(p.rs), bias_cat)
+
+
 def lowrank_matmul_int8(
     x: torch.Tensor, u: torch.Tensor, u_scale: torch.Tensor, vt: torch.Tensor,
     vt_scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -171,4 +228,5 @@ def lowrank_matmul_int8(
 
 
 __all__ = ["lowrank_matmul", "lowrank_matmul_grouped", "lowrank_matmul_merged",
-           "lowrank_matmul_int8", "als_solve", "native_available", "decode_layout"]
+           "lowrank_matmul_packed", "lowrank_matmul_int8", "als_solve", "native_available",
+           "decode_layout", "pack_factors", "packed_kernels", "PackedFactors"]

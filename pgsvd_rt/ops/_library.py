@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from pgsvd_rt.ops import reference
+from pgsvd_rt.ops import packed, reference
 
 _lib = torch.library.Library("pgsvd", "DEF")  # noqa: TOR901 - the namespace owner
 
@@ -281,6 +281,61 @@ torch.library.register_autograd(
     setup_context=_lowrank_matmul_grouped_setup_context,
     lib=_lib,
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# lowrank_matmul_packed: the groups of lowrank_matmul_merged with their factors packed once for
+# serving (pgsvd_rt/ops/packed.py: one 1-D tensor as the CPU kernels' tiles read it). Inference
+# only (no autograd: a packed model serves).
+# ---------------------------------------------------------------------------------------------
+_lib.define(
+    "lowrank_matmul_packed(Tensor x, Tensor packed, int[] ns, int[] rs, Tensor? bias_cat=None)"
+    " -> Tensor"
+)
+
+
+def check_lowrank_matmul_packed_args(x, w, ns, rs, bias_cat) -> packed.Layout:
+    op = "lowrank_matmul_packed"
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{op}: x must have at least 1 dim and K >= 1, got {tuple(x.shape)}")
+    if w.dtype != x.dtype:
+        raise TypeError(f"{op}: packed dtype {w.dtype} != x dtype {x.dtype}")
+    try:
+        L = packed.Layout(int(x.shape[-1]), tuple(ns), tuple(rs), packed.kp_of(x.dtype))
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"{op}: {exc}") from None
+    if w.dim() != 1 or w.numel() != L.numel():
+        raise ValueError(f"{op}: expected a 1-D packed tensor of {L.numel()} elements for "
+                         f"K={x.shape[-1]}, ns={list(ns)}, rs={list(rs)}; got {tuple(w.shape)}")
+    for name, t in (("packed", w), ("bias_cat", bias_cat)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} on {t.device} but x on {x.device}")
+    if bias_cat is not None:
+        if bias_cat.dtype != x.dtype:
+            raise TypeError(f"{op}: bias_cat dtype {bias_cat.dtype} != x dtype {x.dtype}")
+        if tuple(bias_cat.shape) != (sum(ns),):
+            raise ValueError(f"{op}: bias_cat must have shape ({sum(ns)},) (sum of N), got "
+                             f"{tuple(bias_cat.shape)}")
+    return L
+
+
+@torch.library.register_fake("pgsvd::lowrank_matmul_packed", lib=_lib)
+def _lowrank_matmul_packed_fake(x, w, ns, rs, bias_cat=None):
+    check_lowrank_matmul_packed_args(x, w, ns, rs, bias_cat)
+    return x.new_empty((*x.shape[:-1], sum(ns)))
+
+
+def lowrank_matmul_packed_default(x, w, ns, rs, bias_cat=None):
+    """The default kernel (any device): unpacked, then the merged reference."""
+    check_lowrank_matmul_packed_args(x, w, ns, rs, bias_cat)
+    us, v_cat = packed.unpack(w, int(x.shape[-1]), list(ns), list(rs))
+    ys = [reference.lowrank_matmul(x, u, v, b)
+          for u, v, b in zip(us, split_v(us, v_cat), split_bias(us, bias_cat), strict=True)]
+    return torch.cat(ys, -1) if len(ys) > 1 else ys[0]
+
+
+torch.library.register_kernel("pgsvd::lowrank_matmul_packed", None, lib=_lib)(
+    lowrank_matmul_packed_default)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pgsvd_rt import ops
 from pgsvd_rt.io import load_factored
 from tests.integrations.conftest import VLLM_FAMILIES, factored_tiny
 
@@ -47,8 +48,13 @@ def run_vllm(ckpt, *, dtype="float32", tp=1, prompts=PROMPTS, new=NEW, compile=F
         assert p.returncode != 0, "vLLM accepted a checkpoint it should refuse"
         return p.stdout + p.stderr
     assert p.returncode == 0, f"vLLM failed:\n{p.stderr[-4000:]}"
-    line = [x for x in p.stdout.splitlines() if x.startswith("PGSVD_TOKENS ")]
-    return json.loads(line[-1].removeprefix("PGSVD_TOKENS "))
+    lines = {x.split(" ", 1)[0]: json.loads(x.split(" ", 1)[1]) for x in p.stdout.splitlines()
+             if x.startswith("PGSVD_")}
+    if tp == 1:  # the packed CPU kernels serve every factored layer wherever this CPU has them
+        n_packed, n_layers = lines["PGSVD_PACKED"]
+        want = n_layers if ops.packed_kernels(getattr(torch, dtype)) else 0
+        assert n_layers > 0 and n_packed == want, f"{n_packed} of {n_layers} layers packed"
+    return lines["PGSVD_TOKENS"]
 
 
 def hf_tokens(ckpt, prompts=PROMPTS, new=NEW, dtype=torch.float32):

@@ -36,6 +36,15 @@ def main() -> None:
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=args.max_tokens,
                                                 ignore_eos=True), use_tqdm=False)
     print("PGSVD_TOKENS " + json.dumps([list(o.outputs[0].token_ids) for o in outs]), flush=True)
+    if args.tp == 1:  # which path served: layers with factors packed for the CPU kernels
+        counts = llm.apply_model(_packed_layers)[0]
+        print("PGSVD_PACKED " + json.dumps(counts), flush=True)
+
+
+def _packed_layers(model) -> list[int]:
+    """[factored layers whose factors were packed, factored layers]."""
+    layers = [m for m in model.modules() if hasattr(m, "pgsvd_packed")]
+    return [sum(m.pgsvd_packed is not None for m in layers), len(layers)]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,168 @@
+"""pgsvd::lowrank_matmul_packed: the packed serving layout (pgsvd_rt/ops/packed.py) and the CPU
+kernels that read it (csrc/lowrank_packed_cpu.cpp).
+
+Each native case checks that the C++ kernel served it (its call counter) and holds every group's
+columns to the rule of tests/accuracy.py against fp64. The shapes cross every edge of the
+kernels: M = 1..7 (6-row tiles of two panels), 12-13 and 17 (12-row tiles where a panel is
+alone), 128-130 and 257 (128-row blocks); N and R around 32 (a panel, a pair), odd K (bf16's last
+pair), K = 1000 (fp32's 128-step chunks summed in fp64), several groups sharing x.
+"""
+
+import pytest
+import torch
+
+from pgsvd_rt import ops
+from pgsvd_rt.ops import _library, _native, packed, reference
+from tests.accuracy import check_lowrank
+
+DTYPES = [torch.float32, torch.bfloat16]
+native = pytest.mark.skipif(not ops.native_available(),
+                            reason="pgsvd_rt._C is not built (PGSVD_NO_NATIVE=1?)")
+
+
+def _factors(K, shapes, dtype, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    us = [(torch.randn(N, R, generator=g) / R**0.5).to(dtype) for N, R in shapes]
+    vs = [(torch.randn(K, R, generator=g) / K**0.5).to(dtype) for _, R in shapes]
+    b = torch.randn(sum(N for N, _ in shapes), generator=g).to(dtype) if bias else None
+    return us, vs, b
+
+
+def _check_groups(y, x, us, vs, b):
+    n0 = 0
+    for u, v in zip(us, vs, strict=True):
+        N = u.shape[0]
+        check_lowrank(y[..., n0:n0 + N].reshape(-1, N).contiguous(), x.reshape(-1, x.shape[-1]),
+                      u, v, None if b is None else b[n0:n0 + N])
+        n0 += N
+
+
+def _packed(us, vs):
+    p = ops.pack_factors(us, torch.cat(vs, 1))
+    if p is None:
+        pytest.skip(f"no packed CPU kernel for {vs[0].dtype} on this CPU "
+                    f"({_native.module.build_info()})")
+    return p
+
+
+SHAPES = [
+    (37, [(41, 7)]),
+    (64, [(32, 32)]),
+    (300, [(41, 7), (16, 1), (24, 37)]),
+    (1000, [(130, 64), (70, 33)]),
+    (33, [(65, 31), (1, 2)]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,shapes", SHAPES)
+def test_pack_unpack_round_trip(K, shapes, dtype):
+    us, vs, _ = _factors(K, shapes, dtype, seed=K)
+    v_cat = torch.cat(vs, 1)
+    w = packed.pack(us, v_cat)
+    L = packed.layout_of(K, us, dtype)
+    assert w.shape == (L.numel(),) and w.dtype == dtype
+    us2, v2 = packed.unpack(w, K, list(L.ns), list(L.rs))
+    assert torch.equal(v2, v_cat) and all(torch.equal(a, b) for a, b in zip(us, us2, strict=True))
+    # Padding is zero: the packed tensor holds exactly the factors' values and zeros.
+    assert int((w != 0).sum()) == int((v_cat != 0).sum()) + sum(int((u != 0).sum()) for u in us)
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 12, 13, 17, 64, 130, 257])
+@pytest.mark.parametrize("K,shapes", SHAPES)
+def test_native_matches_fp64(M, K, shapes, dtype):
+    us, vs, b = _factors(K, shapes, dtype, seed=M * 7 + K)
+    p = _packed(us, vs)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
+    before = _native.module.lowrank_calls()
+    y = ops.lowrank_matmul_packed(x, p, b)
+    assert _native.module.lowrank_calls() == before + 1, "the call did not reach the C++ kernel"
+    assert y.shape == (M, sum(N for N, _ in shapes)) and y.dtype == dtype
+    _check_groups(y, x, us, vs, b)
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_strided_x_leading_dims_no_bias(dtype):
+    us, vs, _ = _factors(300, [(41, 7), (24, 37)], dtype, seed=3)
+    p = _packed(us, vs)
+    x = torch.randn(2, 3, 2 * 300 + 1).to(dtype)[..., 1::2]  # (2, 3, 300), strides (1803, 601, 2)
+    y = ops.lowrank_matmul_packed(x, p)
+    assert y.shape == (2, 3, 65)
+    _check_groups(y, x, us, vs, None)
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_same_bits_on_any_thread_count(dtype):
+    """Each output is one tile's sum in one order whatever the threads split: a batch's result
+    does not depend on the machine's core count."""
+    us, vs, b = _factors(576, [(576, 173), (96, 40)], dtype, seed=5)
+    p = _packed(us, vs)
+    x = torch.randn(40, 576).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        ys = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            ys.append(ops.lowrank_matmul_packed(x, p, b))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_empty_rows(dtype):
+    us, vs, b = _factors(37, [(41, 7)], dtype, seed=0)
+    p = _packed(us, vs)
+    assert ops.lowrank_matmul_packed(torch.randn(0, 37).to(dtype), p, b).shape == (0, 41)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_default_kernel_is_the_reference(dtype):
+    """The pure-torch default (what any other device runs) unpacks and runs the reference."""
+    us, vs, b = _factors(300, [(41, 7), (16, 1)], dtype, seed=1)
+    v_cat = torch.cat(vs, 1)
+    w = packed.pack(us, v_cat)
+    x = torch.randn(5, 300).to(dtype)
+    y = _library.lowrank_matmul_packed_default(x, w, [41, 16], [7, 1], b)
+    want = torch.cat([reference.lowrank_matmul(x, us[0], v_cat[:, :7], b[:41]),
+                      reference.lowrank_matmul(x, us[1], v_cat[:, 7:], b[41:])], -1)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+@native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck(dtype):
+    us, vs, b = _factors(64, [(40, 9), (33, 32)], dtype, seed=2)
+    p = _packed(us, vs)
+    for bias in (b, None):
+        torch.library.opcheck(torch.ops.pgsvd.lowrank_matmul_packed.default,
+                              (torch.randn(3, 64).to(dtype), p.w, list(p.ns), list(p.rs), bias))
+
+
+def test_contract_errors_name_the_value():
+    us, vs, b = _factors(37, [(41, 7)], torch.float32, seed=0)
+    w = packed.pack(us, torch.cat(vs, 1))
+    x = torch.randn(2, 37)
+    op = torch.ops.pgsvd.lowrank_matmul_packed
+    with pytest.raises(ValueError, match=r"elements for K=38.*1632"):
+        op(torch.randn(2, 38), w, [41], [7])  # K disagrees with the packed size
+    with pytest.raises(ValueError, match="bias"):
+        op(x, w, [41], [7], torch.randn(40))
+    with pytest.raises(TypeError, match="float32"):
+        op(x.double(), w, [41], [7])
+    with pytest.raises(ValueError, match="rank"):
+        op(x, w, [41], [7, 1])
+    with pytest.raises(TypeError, match="float16"):
+        packed.pack([u.half() for u in us], torch.cat(vs, 1).half())
+
+
+def test_pack_factors_is_none_where_no_kernel_serves():
+    us, vs, _ = _factors(37, [(41, 7)], torch.float16, seed=0)
+    assert ops.pack_factors(us, torch.cat(vs, 1)) is None  # fp16: no packed kernel
+    meta = [u.float().to("meta") for u in us]
+    assert ops.pack_factors(meta, torch.cat(vs, 1).float().to("meta")) is None
