@@ -1,24 +1,39 @@
-"""vLLM dense vs vLLM serving factored checkpoints: decode tokens/s and concurrent throughput.
+"""vLLM dense vs vLLM serving factored checkpoints, as users meet it: decode under load, prefill,
+and the OpenAI server with concurrent streaming clients.
 
     python benchmarks/bench_vllm.py --model smollm2-135m \\
         --ckpt pgsvd-20=ckpts/smollm2-pgsvd-20 --ckpt pgsvd-40=ckpts/smollm2-pgsvd-40 \\
-        --out benchmarks/results
+        [--compile] [--concurrency 1 16 64] [--prefill 8x512] [--server] --out benchmarks/results
 
-Variants: ``dense`` (``--model`` loaded by pgsvd_rt and written as a plain HF directory) and every
-``--ckpt NAME=DIR`` (a factored checkpoint, served through the pgsvd quantization method, no
-extra flag). Per dtype every variant's engine is started once and kept alive in its own
-subprocess (this script with ``--worker``, warmed up at every concurrency); then the variants take
-turns, one generation each, concurrency by concurrency, round by round (``--rounds``, the order
-rotated each round), so a shared machine's drifting load hits all alike; the median over rounds
-is reported. An idle engine waits on its stdin and uses no CPU.
+Variants: ``dense`` (``--model`` as a plain HF directory, ``pgsvd serve``'s copy in the cache)
+and every ``--ckpt NAME=DIR`` (a factored checkpoint, served through the pgsvd quantization
+method, no extra flag). Per dtype every variant's engine is started once and kept alive in its
+own subprocess (this script with ``--worker``, warmed up at every load); then the variants take
+turns, one generation each, load by load, round by round (``--rounds``, the order rotated each
+round), so a shared machine's drifting load hits all alike; the median over rounds is
+reported. An idle engine waits on its stdin and uses no CPU.
 
-Measured per variant and ``--concurrency`` c: c requests of ``--prompt`` random tokens, each
-generating ``--new-tokens`` greedy tokens (ignore_eos), submitted together; output tokens/s =
-c T / wall. At c = 1 this is one request's decode rate (its prefill included). Beside each ratio
-against dense, the ideal one from bytes read per decoded token: every tensor of the checkpoint
-but the input embedding, plus the head (the tied embedding when tied), at the served dtype.
-Engines run eager (``--compile`` for vLLM's torch.compile; it costs minutes per start on a
-small CPU). ``--tp T`` serves every variant with tensor parallelism T (on the CPU: T ranks of
+Loads, in process (``vllm.LLM``):
+- ``--concurrency`` c: c requests of ``--prompt`` random tokens, each generating
+  ``--new-tokens`` greedy tokens (ignore_eos), submitted together; output tokens/s = c T / wall.
+  At c = 1 this is one request's decode rate (its prefill included).
+- ``--prefill NxL`` (default 8x512): N prompts of L random tokens, one new token each; prompt
+  tokens/s = N L / wall.
+``--server``: then every variant is served by ``pgsvd serve`` (vLLM's OpenAI server) on
+127.0.0.1, all at once on their own ports, and for each ``--server-clients`` N (default 16 64)
+the variants take turns under N concurrent streaming clients (``serverlib.py``: one
+completion each, the decode loads' prompt and token counts), round by round: output tokens/s,
+time to first token and inter-token latency p50/p99, requests answered whole (finish reason
+``length``, every token; a failure is logged and counted, never dropped from the count), and how
+many greedy responses equal the offline generation of the same prompts by the in-process engine.
+Each server is stopped by this script at the end (or on error); each load is bounded by
+``--server-timeout``.
+
+Beside each ratio against dense, the ideal one: bytes of weights read per decoded token, every
+tensor of the checkpoint but the input embedding, plus the head (the tied embedding when tied),
+at the served dtype; at prefill the same ratio is the FLOPs ratio of those weights. Engines run
+eager (``--compile`` for vLLM's torch.compile, its default mode; it costs minutes per start on
+a small CPU). ``--tp T`` serves every variant with tensor parallelism T (on the CPU: T ranks of
 cores/T threads, one process each); ``--tp-reduce rank`` serves the factored checkpoints with
 ``PGSVD_VLLM_TP_REDUCE=rank`` (row-parallel layers all-reduce the (M, R) partial instead of the
 (M, N) output), ``both`` adds them as ``NAME@rank`` beside the default reduction.
@@ -35,6 +50,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -43,6 +59,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
+import serverlib  # noqa: E402
+
+from pgsvd_rt.integrations.serve import hf_directory  # noqa: E402
 
 log = logging.getLogger("bench_vllm")
 ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -63,18 +82,6 @@ def bytes_per_token(directory: str, dtype: str) -> int:
     return total * ELEM[dtype]
 
 
-def dense_dir(spec: str, root: str) -> str:
-    """The dense model as a plain HF directory vLLM can load (architectures set)."""
-    from pgsvd_rt import models
-
-    model, tok, _ = models.load(spec)
-    model.config.architectures = [type(model).__name__]
-    out = os.path.join(root, "dense")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def worker(a) -> None:
     """One engine kept alive: reads ``RUN c`` lines on stdin, answers ``BENCH {json}``."""
     cpus = os.cpu_count() or 1
@@ -90,28 +97,53 @@ def worker(a) -> None:
 
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=a.worker, dtype=a.dtype, max_model_len=a.prompt + a.new_tokens + 8,
+    llm = LLM(model=a.worker, dtype=a.dtype, max_model_len=max_len(a),
               tensor_parallel_size=a.tp, enforce_eager=not a.compile,
               kv_cache_memory_bytes=int(a.kv_cache_gib * 2**30), seed=0)
     sp = SamplingParams(temperature=0, max_tokens=a.new_tokens, ignore_eos=True)
     rng = random.Random(0)
 
-    def prompts(c):
-        return [{"prompt_token_ids": [rng.randrange(100, 20000) for _ in range(a.prompt)]}
-                for _ in range(c)]
+    def run(prompts, params):
+        t0 = time.perf_counter()
+        res = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return res, time.perf_counter() - t0
 
-    for c in a.concurrency:  # warm-up: every batch shape once
-        llm.generate(prompts(c), sp, use_tqdm=False)
+    loads = [c for c in a.concurrency] + ([a.prefill] if a.prefill else [])
+    for c in loads:  # warm-up: every batch shape once
+        handle(c, rng, run, sp, a)
     print("READY", flush=True)
     for line in sys.stdin:
-        if not line.startswith("RUN "):
+        cmd, _, arg = line.strip().partition(" ")
+        if cmd == "RUN":
+            print("BENCH " + json.dumps(handle(arg, rng, run, sp, a)), flush=True)
+        elif cmd == "TOKENS":  # offline greedy tokens of the given prompts, in one batch
+            res, _ = run(json.loads(arg), sp)
+            print("TOKENS " + json.dumps([list(r.outputs[0].token_ids) for r in res]), flush=True)
+        else:
             break
-        c = int(line.split()[1])
-        t0 = time.perf_counter()
-        res = llm.generate(prompts(c), sp, use_tqdm=False)
-        wall = time.perf_counter() - t0
-        tok = sum(len(r.outputs[0].token_ids) for r in res)
-        print("BENCH " + json.dumps({"c": c, "tok_s": tok / wall}), flush=True)
+
+
+def handle(load, rng, run, sp, a) -> dict:
+    """One timed generation: ``c`` requests decoding --new-tokens each (output tokens/s), or
+    the prefill case ``NxL``: N prompts of L tokens, one new token each (prompt tokens/s)."""
+    from vllm import SamplingParams
+
+    load = str(load)
+    if "x" in load:
+        n, length = map(int, load.split("x"))
+        prompts = [[rng.randrange(100, 20000) for _ in range(length)] for _ in range(n)]
+        res, wall = run(prompts, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        return {"load": load, "tok_s": n * length / wall}
+    c = int(load)
+    prompts = [[rng.randrange(100, 20000) for _ in range(a.prompt)] for _ in range(c)]
+    res, wall = run(prompts, sp)
+    return {"load": load, "tok_s": sum(len(r.outputs[0].token_ids) for r in res) / wall}
+
+
+def max_len(a) -> int:
+    """The engines' context: the decode prompts plus their new tokens, and the prefill prompts."""
+    prefill = int(a.prefill.split("x")[1]) + 1 if a.prefill else 0
+    return max(a.prompt + a.new_tokens, prefill) + 8
 
 
 class Engine:
@@ -121,7 +153,7 @@ class Engine:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", directory, "--dtype", dtype,
                "--prompt", str(a.prompt), "--new-tokens", str(a.new_tokens), "--kv-cache-gib",
                str(a.kv_cache_gib), "--concurrency", *map(str, a.concurrency), "--out", a.out,
-               "--tp", str(getattr(a, "tp", 1))]
+               "--tp", str(getattr(a, "tp", 1)), "--prefill", a.prefill or "none"]
         if a.compile:
             cmd.append("--compile")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -139,10 +171,17 @@ class Engine:
         self.err.seek(0)
         raise RuntimeError(f"vLLM worker failed on {self.what}:\n{self.err.read()[-3000:]}")
 
-    def run(self, c: int) -> float:
-        self.p.stdin.write(f"RUN {c}\n")
+    def run(self, load) -> float:
+        """tok/s of one timed generation at ``load`` (a concurrency, or the prefill NxL)."""
+        self.p.stdin.write(f"RUN {load}\n")
         self.p.stdin.flush()
         return json.loads(self._read("BENCH "))["tok_s"]
+
+    def tokens(self, prompts: list[list[int]]) -> list[list[int]]:
+        """Offline greedy tokens of ``prompts`` (one batch)."""
+        self.p.stdin.write("TOKENS " + json.dumps(prompts) + "\n")
+        self.p.stdin.flush()
+        return json.loads(self._read("TOKENS "))
 
     def close(self) -> None:
         if self.p.poll() is None:
@@ -159,8 +198,17 @@ def paired(r: dict, dense: dict, c) -> tuple[float, float, float]:
     """Median, min and max over rounds of r's tok/s over dense's in the same round: the variants
     of a round run back to back, so this pairs them under the same load (a shared machine's
     drift moves both); the ratio of the medians mixes rounds."""
-    ratios = [a / b for a, b in zip(r["rounds"][str(c)], dense["rounds"][str(c)])]
+    c = str(c)
+    ratios = [a / b for a, b in zip(r["rounds"][c], dense["rounds"][c], strict=True)]
     return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def _loads(m: dict) -> list[str]:
+    return m.get("loads") or [str(c) for c in m["concurrency"]]
+
+
+def _head(load: str) -> str:
+    return f"prefill {load}" if "x" in load else f"c={load}"
 
 
 def to_markdown(rep: dict) -> str:
@@ -172,29 +220,62 @@ def to_markdown(rep: dict) -> str:
               f"tensor parallel {m.get('tp', 1)}, prompt {m['prompt']} "
               f"tokens, {m['new_tokens']} new tokens per request, median of {m['rounds']} rounds "
               "(engines kept alive, variants taking turns). Command: `python benchmarks/"
-              "bench_vllm.py` (see its header). tok/s = output tokens/s over all requests; "
+              "bench_vllm.py` (see its header). tok/s = output tokens/s over all requests "
+              "(prefill NxL: N prompts of L tokens, one new token each; prompt tokens/s); "
               "ratio = median tok/s over dense's; paired = median over rounds of the ratio to "
               "dense in the same round (range in brackets); frac ideal = paired / ideal.", ""]
     for dtype, rows in rep["results"].items():
-        cs = m["concurrency"]
+        loads = _loads(m)
         lines += [f"## {dtype}", "",
                   "| variant | MB/token | ideal | " + " | ".join(
-                      f"c={c} tok/s | ratio | paired | frac ideal" for c in cs) + " |",
-                  "|---|---|---|" + "---|---|---|---|" * len(cs)]
+                      f"{_head(c)} tok/s | ratio | paired | frac ideal" for c in loads) + " |",
+                  "|---|---|---|" + "---|---|---|---|" * len(loads)]
         dense = rows[0]
         for r in rows:
             ideal = dense["bytes_per_token"] / r["bytes_per_token"]
             cells = []
-            for c in cs:
-                tps = r["tok_s"][str(c)]
-                ratio = tps / dense["tok_s"][str(c)]
+            for c in loads:
+                tps = r["tok_s"][c]
+                ratio = tps / dense["tok_s"][c]
                 med, lo, hi = paired(r, dense, c)
                 cells.append(f"{tps:.1f} | {ratio:.2f}x | {med:.2f}x ({lo:.2f}-{hi:.2f}) | "
                              f"{med / ideal:.2f}")
             lines.append(f"| {r['name']} | {r['bytes_per_token'] / 1e6:.1f} | {ideal:.2f}x | "
                          + " | ".join(cells) + " |")
         lines.append("")
+        if dtype in rep.get("server", {}):
+            lines += server_markdown(rep["server"][dtype], m, dense, rows)
     return "\n".join(lines)
+
+
+def server_markdown(srv: dict, m: dict, dense: dict, rows: list[dict]) -> list[str]:
+    """The server mode's table for one dtype (median over rounds of each statistic)."""
+    lines = [f"### OpenAI server (`pgsvd serve`), {m['server_clients']} concurrent streaming "
+             "clients", "",
+             f"Each client: one completion of {m['prompt']} prompt tokens, {m['new_tokens']} "
+             "greedy new tokens (ignore_eos), streamed with token ids. ok = requests answered "
+             "whole (finish reason length, every token) over all rounds; same as offline = "
+             "greedy responses equal to the offline generation (vLLM's LLM.generate, one batch) "
+             "of the same prompts; TTFT / ITL = time to first token / between tokens, "
+             "milliseconds.", "",
+             "| variant | clients | tok/s | paired vs dense | TTFT p50 / p99 | ITL p50 / p99 | "
+             "ok | same as offline |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for c, runs in srv[r["name"]].items():
+            def med(f, runs=runs):
+                return statistics.median(f(x) for x in runs)
+
+            pair = statistics.median(x["tok_s"] / d["tok_s"]
+                                     for x, d in zip(runs, srv[dense["name"]][c], strict=True))
+            ok = sum(x["ok"] for x in runs)
+            lines.append(
+                f"| {r['name']} | {c} | {med(lambda x: x['tok_s']):.1f} | {pair:.2f}x | "
+                f"{med(lambda x: x['ttft_ms']['p50']):.0f} / "
+                f"{med(lambda x: x['ttft_ms']['p99']):.0f} | "
+                f"{med(lambda x: x['itl_ms']['p50']):.1f} / "
+                f"{med(lambda x: x['itl_ms']['p99']):.1f} | {ok}/{sum(x['requests'] for x in runs)}"
+                f" | {sum(x['same_as_offline'] for x in runs)}/{ok} |")
+    return lines + [""]
 
 
 def render(path: str) -> str:
@@ -220,6 +301,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--kv-cache-gib", type=float, default=1.0,
                    help="vLLM KV-cache size per engine (kv_cache_memory_bytes)")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--prefill", default="8x512", help="the prefill case NxL (N prompts of L "
+                   "tokens, one new token each); 'none' to skip")
+    p.add_argument("--server", action="store_true", help="also through the OpenAI server "
+                   "(`pgsvd serve` on 127.0.0.1), --server-clients concurrent streaming clients")
+    p.add_argument("--server-clients", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--server-timeout", type=float, default=900.0,
+                   help="seconds a server may take to start, and one load to finish")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--tp-reduce", choices=["output", "rank", "both"], default="output",
                    help="the factored checkpoints' row-parallel reduction (see the header)")
@@ -228,6 +316,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.prefill = None if a.prefill in ("none", "") else a.prefill
+    if a.prefill and not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", a.prefill):
+        p.error(f"--prefill must be NxL (e.g. 8x512) or 'none', got {a.prefill!r}")
     if a.worker:
         return worker(a)
     if a.render:
@@ -245,48 +336,56 @@ def main(argv: list[str] | None = None) -> dict | None:
     import vllm
 
     device = benchlib.device_name("cuda" if _cuda() else "cpu")
+    loads = [str(c) for c in a.concurrency] + ([a.prefill] if a.prefill else [])
     rep = {"meta": {"device": device, "date": benchlib.today(), "model": a.model,
                     "checkpoints": ckpts, "vllm": vllm.__version__, "compile": a.compile,
                     "prompt": a.prompt, "new_tokens": a.new_tokens, "rounds": a.rounds,
-                    "concurrency": a.concurrency, "tp": a.tp, "tp_reduce": a.tp_reduce,
-                    "note": a.note,
-                    **benchlib.versions()}, "results": {}}
+                    "concurrency": a.concurrency, "loads": loads, "tp": a.tp,
+                    "tp_reduce": a.tp_reduce, "note": a.note,
+                    "server_clients": a.server_clients if a.server else None,
+                    **benchlib.versions()}, "results": {}, "server": {}}
     stem = os.path.join(a.out, f"{benchlib.device_slug(device)}-{benchlib.today()}-vllm-"
                                f"{a.model}" + (f"-tp{a.tp}" if a.tp > 1 else ""))
     os.makedirs(a.out, exist_ok=True)
-    with tempfile.TemporaryDirectory() as root:
-        # name -> (directory, reduction of the factored row-parallel layers)
-        reduce = "rank" if a.tp_reduce == "rank" else "output"
-        dirs = {"dense": (dense_dir(a.model, root), "output")}
-        dirs |= {n: (d, reduce) for n, d in ckpts.items()}
-        if a.tp_reduce == "both":
-            dirs |= {f"{n}@rank": (d, "rank") for n, d in ckpts.items()}
-        for dtype in a.dtypes:
-            runs = {n: {str(c): [] for c in a.concurrency} for n in dirs}
-            engines = {}
-            try:
-                for n, (d, red) in dirs.items():
-                    log.info("%s: starting %s", dtype, n)
-                    engines[n] = Engine(a, d, dtype, red)
-                names = list(dirs)
-                for r in range(a.rounds):
-                    for c in a.concurrency:
-                        for n in names[r % len(names):] + names[:r % len(names)]:
-                            runs[n][str(c)].append(engines[n].run(c))
-                    log.info("%s round %d: %s", dtype, r + 1, {
-                        n: {c: round(x[-1], 1) for c, x in runs[n].items()} for n in names})
-            finally:
-                for e in engines.values():
-                    e.close()
-            rep["results"][dtype] = [
-                {"name": n, "dir": d, "tp_reduce": red,
-                 "bytes_per_token": bytes_per_token(d, dtype),
-                 "tok_s": {c: statistics.median(x) for c, x in runs[n].items()},
-                 "rounds": runs[n]} for n, (d, red) in dirs.items()]
-            with open(stem + ".json", "w") as f:
-                json.dump(rep, f, indent=1)
-            with open(stem + ".md", "w") as f:
-                f.write(to_markdown(rep))
+    # name -> (directory, reduction of the factored row-parallel layers)
+    reduce = "rank" if a.tp_reduce == "rank" else "output"
+    dirs = {"dense": (str(hf_directory(a.model)), "output")}
+    dirs |= {n: (d, reduce) for n, d in ckpts.items()}
+    if a.tp_reduce == "both":
+        dirs |= {f"{n}@rank": (d, "rank") for n, d in ckpts.items()}
+    names = list(dirs)
+    for dtype in a.dtypes:
+        runs = {n: {c: [] for c in loads} for n in dirs}
+        prompts = ({c: serverlib.server_prompts(c, a.prompt) for c in a.server_clients}
+                   if a.server else {})
+        offline = {}
+        engines = {}
+        try:
+            for n, (d, red) in dirs.items():
+                log.info("%s: starting %s", dtype, n)
+                engines[n] = Engine(a, d, dtype, red)
+            for r in range(a.rounds):
+                for c in loads:
+                    for n in names[r % len(names):] + names[:r % len(names)]:
+                        runs[n][c].append(engines[n].run(c))
+                log.info("%s round %d: %s", dtype, r + 1, {
+                    n: {c: round(x[-1], 1) for c, x in runs[n].items()} for n in names})
+            offline = {n: {c: engines[n].tokens(pr) for c, pr in prompts.items()} for n in names}
+        finally:
+            for e in engines.values():
+                e.close()
+        rep["results"][dtype] = [
+            {"name": n, "dir": d, "tp_reduce": red,
+             "bytes_per_token": bytes_per_token(d, dtype),
+             "tok_s": {c: statistics.median(x) for c, x in runs[n].items()},
+             "rounds": runs[n]} for n, (d, red) in dirs.items()]
+        if a.server:
+            rep["server"][dtype] = serverlib.server_rounds(a, dirs, dtype, prompts, offline,
+                                                           max_len(a))
+        with open(stem + ".json", "w") as f:
+            json.dump(rep, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(to_markdown(rep))
     sys.stdout.write(to_markdown(rep))
     return rep
 

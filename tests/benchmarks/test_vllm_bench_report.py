@@ -50,3 +50,20 @@ def test_render_rewrites_markdown(tmp_path):
 def test_out_required_without_render():
     with pytest.raises(SystemExit):
         load_bench("bench_vllm").main([])
+
+
+def test_server_table_pairs_rounds_and_counts_every_request():
+    bench = load_bench("bench_vllm")
+    rep = _report()
+
+    def st(tok_s, ok=4, same=4):
+        return {"requests": 4, "ok": ok, "failed": [], "tok_s": tok_s, "same_as_offline": same,
+                "ttft_ms": {"p50": 10.0, "p99": 20.0}, "itl_ms": {"p50": 1.0, "p99": 2.0}}
+
+    rep["meta"]["server_clients"] = [4]
+    rep["server"] = {"bfloat16": {"dense": {"4": [st(10.0), st(20.0)]},
+                                  "pgsvd-40": {"4": [st(15.0, ok=3, same=2), st(30.0)]}}}
+    md = bench.to_markdown(rep)
+    row = next(line for line in md.splitlines() if line.startswith("| pgsvd-40 | 4 |"))
+    # paired: 1.5 in both rounds; ok 7 of 8 requests, 6 of the 7 as offline.
+    assert "| 1.50x |" in row and "| 7/8 | 6/7 |" in row

@@ -1,0 +1,169 @@
+"""bench_vllm.py's server mode: servers started with ``pgsvd serve``, and load from N concurrent
+streaming clients on an OpenAI-compatible server: each client sends one completion request
+(prompt as token ids, greedy, a fixed number of new tokens, ``ignore_eos``, streamed with token
+ids) and records when each token arrived.
+
+    stats = asyncio.run(load(url, model, prompts, new_tokens, timeout_s))
+
+Every request must be answered whole: HTTP 200, finish reason ``length``, exactly
+``new_tokens`` tokens, no error event; anything else is counted in ``failed`` with its reason
+(the caller decides what a failure means; bench_vllm refuses to report a run with one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+log = logging.getLogger("bench_vllm")
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation; nan for no data."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+async def _one(session, url: str, model: str, ids: list[int], new_tokens: int) -> dict:
+    body = {"model": model, "prompt": ids, "max_tokens": new_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    arrivals, tokens, finish, usage, error = [], [], None, None, None
+    async with session.post(url + "/v1/completions", json=body) as r:
+        if r.status != 200:
+            return {"error": f"HTTP {r.status}: {(await r.text())[:200]}", "tokens": []}
+        async for raw in r.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            ev = json.loads(data)
+            if "error" in ev:
+                error = str(ev["error"])[:200]
+                break
+            if ev.get("usage"):
+                usage = ev["usage"]
+            for ch in ev.get("choices", []):
+                delta = ch.get("token_ids") or []
+                if delta:
+                    now = time.perf_counter()
+                    arrivals += [now] * len(delta)
+                    tokens += delta
+                finish = ch.get("finish_reason") or finish
+    done = time.perf_counter()
+    if error is None and (finish != "length" or len(tokens) != new_tokens
+                          or (usage or {}).get("completion_tokens") != new_tokens):
+        error = (f"finish {finish!r}, {len(tokens)} tokens streamed, usage "
+                 f"{(usage or {}).get('completion_tokens')}, expected 'length' and {new_tokens}")
+    return {"error": error, "tokens": tokens, "t0": t0, "arrivals": arrivals, "done": done}
+
+
+async def load(url: str, model: str, prompts: list[list[int]], new_tokens: int,
+               timeout_s: float) -> dict:
+    """All prompts at once, one client each. Returns the run's statistics (module doc) and each
+    request's tokens (for comparison with offline generation)."""
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    conn = aiohttp.TCPConnector(limit=len(prompts))
+    async with aiohttp.ClientSession(timeout=timeout, connector=conn) as session:
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*[_one(session, url, model, p, new_tokens) for p in prompts],
+                                   return_exceptions=True)
+        wall = time.perf_counter() - t0
+    ok = [r for r in res if isinstance(r, dict) and r["error"] is None]
+    failed = [repr(r) if not isinstance(r, dict) else r["error"] for r in res
+              if not isinstance(r, dict) or r["error"] is not None]
+    ttft = [r["arrivals"][0] - r["t0"] for r in ok]
+    itl = [b - a for r in ok for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)]
+    return {"requests": len(prompts), "ok": len(ok), "failed": failed, "wall_s": wall,
+            "tok_s": sum(len(r["tokens"]) for r in ok) / wall,
+            "ttft_ms": {"p50": 1e3 * percentile(ttft, 50), "p99": 1e3 * percentile(ttft, 99)},
+            "itl_ms": {"p50": 1e3 * percentile(itl, 50), "p99": 1e3 * percentile(itl, 99),
+                       "mean": 1e3 * statistics.fmean(itl) if itl else float("nan")},
+            "tokens": [r["tokens"] if isinstance(r, dict) else [] for r in res]}
+
+
+def server_prompts(c: int, length: int) -> list[list[int]]:
+    """The server mode's c prompts of ``length`` random tokens (the same for every variant)."""
+    import random
+
+    rng = random.Random(1000 + c)
+    return [[rng.randrange(100, 20000) for _ in range(length)] for _ in range(c)]
+
+
+def server_rounds(a, dirs: dict, dtype: str, prompts: dict, offline: dict,
+                  max_model_len: int) -> dict:
+    """bench_vllm.py's server mode: every variant (``dirs``: name -> (directory, TP
+    reduction)) served by ``pgsvd serve`` at once, each on its own port and idle while the
+    others run; the variants take turns at each client count, round by round (``a``: the
+    benchmark's arguments). Returns name -> clients -> [per-round statistics of :func:`load`,
+    with ``same_as_offline``: how many responses equal ``offline`` name -> clients -> tokens].
+    Every server is stopped before this returns, also on error."""
+    from pgsvd_rt.integrations.serve import stop, wait_ready
+
+    servers, out = {}, {n: {str(c): [] for c in prompts} for n in dirs}
+    try:
+        for n, (d, red) in dirs.items():
+            port = _free_port()
+            cmd = [sys.executable, "-m", "pgsvd_rt.cli", "serve", d, "--port", str(port),
+                   "--dtype", dtype, "--max-model-len", str(max_model_len), "--kv-cache-gib",
+                   str(a.kv_cache_gib), "--"] + ([] if a.compile else ["--enforce-eager"])
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            env["PGSVD_VLLM_TP_REDUCE"] = red
+            err = tempfile.TemporaryFile(mode="w+")
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                    start_new_session=True)
+            servers[n] = (proc, f"http://127.0.0.1:{port}", d, err)
+            log.info("%s: serving %s on port %d", dtype, n, port)
+        for proc, url, d, err in servers.values():
+            try:
+                wait_ready(url, proc, a.server_timeout)
+            except (RuntimeError, TimeoutError) as exc:
+                err.seek(0)
+                raise RuntimeError(f"pgsvd serve {d}: {exc}\n{err.read()[-3000:]}") from None
+            for pr in prompts.values():  # warm-up: every batch shape once
+                asyncio.run(load(url, d, pr, a.new_tokens, a.server_timeout))
+        names = list(dirs)
+        for r in range(a.rounds):
+            for c, pr in prompts.items():
+                for n in names[r % len(names):] + names[:r % len(names)]:
+                    proc, url, d, _ = servers[n]
+                    st = asyncio.run(load(url, d, pr, a.new_tokens,
+                                                      a.server_timeout))
+                    if st["failed"]:
+                        log.warning("%s %s c=%d: %d requests failed: %s", dtype, n, c,
+                                    len(st["failed"]), st["failed"][:3])
+                    st["same_as_offline"] = sum(t == o and len(t) > 0 for t, o in
+                                                zip(st.pop("tokens"), offline[n][c],
+                                                    strict=True))
+                    out[n][str(c)].append(st)
+            log.info("%s server round %d: %s", dtype, r + 1, {
+                n: {c: round(x[-1]["tok_s"], 1) for c, x in out[n].items()} for n in names})
+    finally:
+        for proc, _, _, err in servers.values():
+            stop(proc)
+            err.close()
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
