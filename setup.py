@@ -59,6 +59,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pgsvd_rt", "pgsvd_rt.*"]) + ["pgsvd_rt.kernels"],
     package_dir={"pgsvd_rt.kernels": "kernels"},
+    package_data={"pgsvd_rt.ops": ["cuda_policy.json"]},  # the measured CUDA path table
     install_requires=[
         # torch is deliberately absent: install the build you want first (CPU or CUDA).
         "transformers>=4.56",

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Merge the tarball(s) that benchmarks/gpu_check.sh left in $OUT (fetched here by the device tool)
-# into benchmarks/results/<device>-<date>-raw/ and render <device>-<date>.json/.md/*.png.
+# into benchmarks/results/<device>-<date>-raw/ and render <device>-<date>.json/.md/*.png; the
+# CUDA path table a policy step measured (raw/*-cuda-policy.json) is merged into the committed
+# pgsvd_rt/ops/cuda_policy.json (its device's entry added or replaced: review, then commit).
 #   benchmarks/collect_gpu.sh <files_at>/gpu-check.tar.gz
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,4 +26,9 @@ dest=benchmarks/results/$name-raw
 mkdir -p "$dest"
 cp -r "$tmp/raw/." "$dest/"
 "$PY" benchmarks/report.py "$dest" --out benchmarks/results
+for f in "$tmp"/raw/*-cuda-policy.json; do  # this run's measurements only
+  [ -f "$f" ] || continue
+  "$PY" -c 'import sys; from pgsvd_rt.ops import cuda_policy as p; print(", ".join(p.merge_file(sys.argv[1])))' \
+    "$dest/$(basename "$f")" | sed 's|^|pgsvd_rt/ops/cuda_policy.json: merged the entry of |'
+done
 rm -rf "$tmp"

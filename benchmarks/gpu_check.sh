@@ -12,8 +12,11 @@
 # Nothing is fetched from a network: what the image lacks comes from .whl/
 # (benchmarks/fetch_gpu_wheels.sh, carried along). The 7B-shaped models are built from configs
 # with random weights there (latency does not depend on values); the pgsvd ranks travel as
-# benchmarks/profiles/llama2-7b.json. Here, benchmarks/collect_gpu.sh renders the tarball into
-# benchmarks/results/<gpu>-<date>.*.
+# benchmarks/profiles/llama2-7b.json. The policy step measures which CUDA path (fused Triton or
+# two cuBLAS GEMMs) serves each M bucket and writes the table pgsvd_rt/ops/cuda_policy.py reads:
+# the steps after it run on that table (PGSVD_CUDA_POLICY), and a copy ready to commit comes back
+# as $OUT/cuda_policy.json beside the tarball. Here, benchmarks/collect_gpu.sh renders the
+# tarball into benchmarks/results/<gpu>-<date>.* and merges the table into the committed one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUDGET=${PGSVD_GPU_BUDGET:-480}
@@ -24,11 +27,12 @@ PY=${PYTHON:-python3}
 # name | time box (s) | command (words; $RAW and $W expand at run time) | what it answers
 PLAN=(
   "deps|10|deps|versions, GPU name; wheels from .whl/ for what the image lacks"
-  "build|80|$PY -m pip install --no-build-isolation --no-deps -e .|pgsvd_rt._C as a CUDA extension (CUDA ALS)"
-  "gpu-tests|60|$PY -m pytest -q -p no:cacheprovider -m gpu tests --junitxml=\$W/junit-gpu.xml|kernels bf16/fp16 vs fp64 (the 2x rule), opcheck, torch.compile(fullgraph), CUDA-graph replay = eager, grouped op, CUDA ALS vs reference"
+  "build|70|$PY -m pip install --no-build-isolation --no-deps -e .|pgsvd_rt._C as a CUDA extension (CUDA ALS)"
+  "gpu-tests|60|$PY -m pytest -q -p no:cacheprovider -m gpu tests --junitxml=\$W/junit-gpu.xml|kernels bf16/fp16 vs fp64 (the 2x rule), opcheck, torch.compile(fullgraph), CUDA-graph replay = eager, grouped op, both CUDA paths (fused, cuBLAS), CUDA ALS vs reference"
   "kernels|40|$PY benchmarks/bench_lowrank_matmul.py --out \$RAW --kappas 0.6 0.4 --dtypes bf16|LLaMA-2-7B shapes, M 1/16/4096, kappa 0.6/0.4, bf16: fused vs two matmuls vs dense, CUDA-graph and fused_pad16 rows, GB/s vs a copy bandwidth measured in the same run"
+  "policy|50|$PY benchmarks/bench_lowrank_matmul.py --out \$RAW --policy \$W/cuda_policy.json --kappas 0.6 0.4 --dtypes bf16|CUDA path table: the op fused vs two cuBLAS GEMMs per M bucket 1..4096 (CUDA graphs up to 256), LLaMA-2-7B shapes, kappa 0.6/0.4, bf16; later steps run on it"
   "e2e|160|$PY benchmarks/bench_e2e.py --model llama2-7b --out \$RAW --variants dense pgsvd-40 --batches 1 --prompts 1024 --new-tokens 64 --reps 3 --rank-multiple 128|7B-shaped bf16: dense vs pgsvd-40 decode tokens/s at batch 1 under CUDA graphs, prefill 1024"
-  "compress|110|$PY benchmarks/bench_compress.py --model llama2-7b --device cuda --out \$RAW --samples 32 --seq-len 512 --blocks-per-pass 8|whole 7B-shaped PGSVD compression on the GPU (goal <= 120 s), peak memory"
+  "compress|70|$PY benchmarks/bench_compress.py --model llama2-7b --device cuda --out \$RAW --samples 32 --seq-len 512 --blocks-per-pass 8|whole 7B-shaped PGSVD compression on the GPU (goal <= 120 s), peak memory"
   "als|15|$PY benchmarks/bench_als.py --device cuda --out \$RAW --no-build --layers 8 --repeats 1|batched CUDA ALS vs the per-layer torch loop (goal >= 10x)"
   "extras|0|$PY benchmarks/bench_e2e.py --model llama2-7b --out \$RAW --tag extras --variants pgsvd-40-pad16 pgsvd-20 --batches 1 16 --prompts 1024 --new-tokens 32 --reps 2 --rank-multiple 128|whatever fits: pgsvd-40 padded to 16k, pgsvd-20, batch 16"
 )
@@ -68,6 +72,8 @@ dry_run() {
   for f in benchmarks/profiles/llama2-7b.json benchmarks/collect_gpu.sh benchmarks/report.py; do
     git ls-files --error-unmatch "$f" >/dev/null 2>&1 || { echo "FAIL: $f is not in the tree"; ok=0; }
   done
+  $PY -c 'from pgsvd_rt.ops import cuda_policy as p; p.load(p.TABLE_PATH)' >/dev/null 2>&1 \
+    || { echo "FAIL: pgsvd_rt/ops/cuda_policy.json does not load"; ok=0; }
   local n
   n=$($PY -m pytest -q --collect-only -p no:cacheprovider -m gpu tests 2>/dev/null | grep -c '::')
   echo "GPU tests collected: $n"
@@ -134,6 +140,11 @@ for line in "${PLAN[@]}"; do
   if [ "$name" = build ] && [ "$rc" != 0 ]; then  # the Triton kernels need no native code
     PGSVD_NO_NATIVE=1 timeout 60 "$PY" -m pip install -q --no-build-isolation --no-deps -e . \
       >>"$W/$name.log" 2>&1 && echo "build: fell back to PGSVD_NO_NATIVE=1" | tee -a "$STEPS"
+  fi
+  if [ "$name" = policy ] && [ -s "$W/cuda_policy.json" ]; then  # a cut-off run writes it too
+    cp "$W/cuda_policy.json" "$OUT/cuda_policy.json"
+    export PGSVD_CUDA_POLICY=$W/cuda_policy.json
+    echo "policy: the steps below run on the measured table (PGSVD_CUDA_POLICY)" | tee -a "$STEPS"
   fi
   pack
 done
