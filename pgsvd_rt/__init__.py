@@ -37,4 +37,4 @@ __all__ = [
 
 from pgsvd_rt.integrations import hf as _hf  # noqa: E402  (from_pretrained for "pgsvd")
 
-_hf.register()
+_hf.register_on_import()

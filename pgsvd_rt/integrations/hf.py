@@ -1,6 +1,6 @@
 """``from_pretrained`` for factored checkpoints: a transformers quantizer for quant_method "pgsvd".
 
-``import pgsvd_rt`` calls :func:`register`; from then on::
+``import pgsvd_rt`` calls :func:`register_on_import`; from then on::
 
     model = AutoModelForCausalLM.from_pretrained("ckpt")   # LowRankLinear where factored
 
@@ -11,11 +11,20 @@ Transformers reads ``quantization_config`` from config.json (written by ``save_f
 ``<module>.u`` / ``.v`` / ``.bias`` then load by name like any other parameter. No
 trust_remote_code, no pickles. The ranks are checked against the tensor file's header first,
 so a config that disagrees with its tensors is refused naming the module.
+
+Registering needs transformers' quantizer registry (``transformers.quantizers``), whose import
+loads every quantizer transformers ships, and through its torchao one, torchao itself when it is
+installed (3 s here, and torchao's own load warnings). Transformers imports that registry before
+it builds any model, so :func:`register_on_import` registers at that moment: ``import pgsvd_rt``,
+``pgsvd --help`` or ``pgsvd info`` never load it, and ``from_pretrained`` always finds "pgsvd".
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import logging
+import sys
 from pathlib import Path
 
 from torch import nn
@@ -25,6 +34,7 @@ from pgsvd_rt.nn import LowRankLinear, LowRankLinearInt8, replace_linear
 
 log = logging.getLogger("pgsvd_rt")
 _REGISTERED = False
+_REGISTRY = "transformers.quantizers"  # the package that holds AUTO_QUANTIZER_MAPPING
 
 
 def register() -> bool:
@@ -109,3 +119,45 @@ def register() -> bool:
         register_quantizer(quant_config.QUANT_METHOD)(PGSVDQuantizer)
     _REGISTERED = True
     return True
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds ``transformers.quantizers`` as the path finder does and runs :func:`register` right
+    after the package has executed; then leaves ``sys.meta_path`` and the module as they were."""
+
+    def __init__(self) -> None:
+        self._inner: importlib.abc.Loader | None = None
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _REGISTRY or self._inner is not None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None:
+            return spec
+        self._inner, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        inner, module.__loader__ = self._inner, self._inner
+        module.__spec__.loader = inner  # the module keeps transformers' own loader
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        inner.exec_module(module)
+        try:
+            register()
+        except Exception as exc:  # noqa: BLE001 - never break transformers' own import
+            log.warning("pgsvd_rt: from_pretrained integration unavailable: %r", exc)
+
+
+def register_on_import() -> None:
+    """:func:`register` now if transformers' quantizer registry is loaded, else the moment
+    transformers imports it (before it builds any model). Idempotent."""
+    if _REGISTERED:
+        return
+    if _REGISTRY in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())

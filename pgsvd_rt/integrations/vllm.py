@@ -289,12 +289,13 @@ class PGSVDLinearMethod(LinearMethodBase):
         outs: dict[int, torch.Tensor] = {}
         if packed is not None:
             outs.update(zip(self.factored,
-                            ops.lowrank_matmul_packed(x, packed).split(list(packed.ns), -1)))
+                            ops.lowrank_matmul_packed(x, packed).split(list(packed.ns), -1),
+                            strict=True))
         elif len(self.factored) == 1:
             outs[self.factored[0]] = ops.lowrank_matmul(x, layer.pgsvd_us[0], layer.v)
         elif self.factored:
             outs.update(zip(self.factored,
-                            ops.lowrank_matmul_grouped(x, layer.pgsvd_us, layer.v)))
+                            ops.lowrank_matmul_grouped(x, layer.pgsvd_us, layer.v), strict=True))
         dense = torch.nn.functional.linear(x, layer.weight)
         for g in self.dense:
             off = layer.pgsvd_w_off[g]

@@ -31,19 +31,18 @@ import torch
 from torch import nn
 
 from pgsvd_rt._version import __version__
-from pgsvd_rt.io import atomic, quant_config, validate
 from pgsvd_rt.arch import block_linears, check_config
-from pgsvd_rt.models import MANIFEST_NAME
+from pgsvd_rt.io import atomic, quant_config, validate
+from pgsvd_rt.io.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    int8_names,
+    read_manifest,
+)
 from pgsvd_rt.nn import LowRankLinear, LowRankLinearInt8, replace_linear
 
-FORMAT = "pgsvd_rt.factored"
-FORMAT_VERSION = 1
 TENSOR_FILE = quant_config.TENSOR_FILE
-
-
-def int8_names(modules: dict) -> set[str]:
-    """Manifest modules whose factors are int8."""
-    return {name for name, m in modules.items() if m.get("factors") == "int8"}
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -113,29 +112,6 @@ def save_factored(
 
     return atomic.publish(out_dir, fill, overwrite=overwrite,
                           replaceable=lambda p: (p / MANIFEST_NAME).exists())
-
-
-def read_manifest(path: str | os.PathLike) -> dict:
-    """The manifest of a checkpoint directory; ValueError when missing or not ours."""
-    p = Path(path) / MANIFEST_NAME
-    if not p.exists():
-        raise ValueError(f"{str(path)!r} is not a pgsvd_rt checkpoint: no {MANIFEST_NAME}")
-    if not p.is_file():
-        raise ValueError(f"{str(p)!r} is not a regular file")
-    try:
-        manifest = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"corrupted manifest {str(p)!r}: {exc}") from exc
-    except OSError as exc:
-        raise ValueError(f"cannot read {str(p)!r}: {exc.strerror or exc}") from exc
-    if not isinstance(manifest, dict):
-        raise ValueError(f"corrupted manifest {str(p)!r}: not a JSON object")
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{str(p)!r}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{str(p)!r}: format_version {manifest.get('format_version')!r} is not "
-                         f"supported (this pgsvd_rt reads {FORMAT_VERSION})")
-    return validate.check_manifest(manifest, str(p))
 
 
 def _read_tensors(directory: Path, manifest: dict, verify: bool) -> dict[str, torch.Tensor]:

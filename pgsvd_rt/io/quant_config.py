@@ -29,6 +29,8 @@ import os
 import struct
 from pathlib import Path
 
+from pgsvd_rt.io.manifest import int8_names, read_manifest
+
 QUANT_METHOD = "pgsvd"
 QUANT_FORMAT_VERSION = 1
 TENSOR_FILE = "model.safetensors"
@@ -143,8 +145,6 @@ def stamp_checkpoint(directory: str | os.PathLike) -> dict:
     The ranks come from the manifest (``modules``), checked against the tensor header; the new
     config.json is written to a temporary file and renamed over the old one. Returns the entry.
     """
-    from pgsvd_rt.io.checkpoint import int8_names, read_manifest
-
     d = Path(directory)
     manifest = read_manifest(d)
     ranks = {name: m["rank"] for name, m in manifest["modules"].items()}

@@ -1,6 +1,6 @@
-from pgsvd_rt.nn.grouped import GroupedLowRankLinear, GroupMember, group_projections_
+from pgsvd_rt.nn.grouped import GroupedLowRankLinear, GroupMember, group_projections_, pad_ranks_
 from pgsvd_rt.nn.int8 import LowRankLinearInt8
-from pgsvd_rt.nn.lowrank import LowRankLinear, pad_ranks_, replace_linear
+from pgsvd_rt.nn.lowrank import LowRankLinear, replace_linear
 
 __all__ = [
     "LowRankLinear",

@@ -15,7 +15,9 @@ across layers or steps. Under ``torch.compile`` (tracing) members run their own 
 ``lowrank_matmul`` instead, which is stateless and graph-friendly.
 
 Group after loading a model, for serving: grouped modules are not ``LowRankLinear``, and the
-state dict keys change (``<block>.qkv_group.{v_cat,bias_cat,us.<g>}``).
+state dict keys change (``<block>.qkv_group.{v_cat,bias_cat,us.<g>}``). The serving transforms
+that must run before grouping (:func:`pad_ranks_`) live here too, so this module builds on
+:mod:`pgsvd_rt.nn.lowrank` and the single layer never needs to know about groups.
 """
 
 from __future__ import annotations
@@ -158,6 +160,26 @@ class GroupMember(nn.Module):
     def extra_repr(self) -> str:
         return (f"index={self.index}, in_features={self.in_features}, "
                 f"out_features={self.out_features}, rank={self.rank}")
+
+
+def pad_ranks_(model: nn.Module, multiple: int = 16) -> nn.Module:
+    """:meth:`LowRankLinear.pad_rank_` on every LowRankLinear of ``model``; returns ``model``.
+
+    A serving transform: apply it after loading and before :func:`group_projections_` (groups
+    concatenate the factors as they are then). A model saved afterwards stores the padded ranks.
+
+    Raises:
+        ValueError: ``model`` already has grouped projections (their factors would stay as
+            they are).
+    """
+    grouped = [n for n, m in model.named_modules() if isinstance(m, GroupedLowRankLinear)]
+    if grouped:
+        raise ValueError(f"pad_ranks_: call it before group_projections_; {grouped[0]!r} and "
+                         f"{len(grouped) - 1} more are already grouped")
+    for m in model.modules():
+        if isinstance(m, LowRankLinear):
+            m.pad_rank_(multiple)
+    return model
 
 
 def group_projections_(model: nn.Module) -> nn.Module:

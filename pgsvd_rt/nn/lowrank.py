@@ -92,28 +92,6 @@ class LowRankLinear(nn.Module):
                 f"rank={self.rank}, bias={self.bias is not None}")
 
 
-def pad_ranks_(model: nn.Module, multiple: int = 16) -> nn.Module:
-    """:meth:`LowRankLinear.pad_rank_` on every LowRankLinear of ``model``; returns ``model``.
-
-    A serving transform: apply it after loading and before :func:`group_projections_` (groups
-    concatenate the factors as they are then). A model saved afterwards stores the padded ranks.
-
-    Raises:
-        ValueError: ``model`` already has grouped projections (their factors would stay as
-            they are).
-    """
-    from pgsvd_rt.nn.grouped import GroupedLowRankLinear  # grouped.py imports this module
-
-    grouped = [n for n, m in model.named_modules() if isinstance(m, GroupedLowRankLinear)]
-    if grouped:
-        raise ValueError(f"pad_ranks_: call it before group_projections_; {grouped[0]!r} and "
-                         f"{len(grouped) - 1} more are already grouped")
-    for m in model.modules():
-        if isinstance(m, LowRankLinear):
-            m.pad_rank_(multiple)
-    return model
-
-
 def replace_linear(model: nn.Module, replacements: Mapping[str, nn.Module]) -> nn.Module:
     """Swap the submodules named in ``replacements`` (dotted paths) in place; returns ``model``.
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_int8_bench_smoke(tmp_path):
-    pytest.importorskip("torchao", reason="torchao is the peer (make setup installs it)")
+    pytest.importorskip("torchao", reason="torchao is the peer (make bench-deps installs it)")
     subprocess.run([sys.executable, "benchmarks/bench_int8.py", "--smoke", "--out",
                     str(tmp_path)], cwd=ROOT, check=True, capture_output=True, timeout=600)
     (js,) = tmp_path.glob("cpu-*-int8-smoke.json")
