@@ -1,11 +1,14 @@
 """Where one vLLM engine spends a generation: torch profiler table of every op (CPU).
 
-    python benchmarks/profile_vllm.py DIR [--dtype bfloat16] [--concurrency 1] [--shapes]
+    python benchmarks/profile_vllm.py DIR [--dtype bfloat16] [--concurrency 1 | --prefill 8x512]
+        [--compile] [--shapes]
 
 Starts vLLM in-process on DIR (a dense HF directory or a factored checkpoint), warms up, times
-two generations of ``--concurrency`` requests (random prompts of 32 tokens, 64 new tokens each),
-then profiles a third and prints the ops by self CPU time (``--shapes``: per input shape). This
-is how the README's split of a decode step into linear layers and the rest was read off.
+two generations of ``--concurrency`` requests (random prompts of 32 tokens, 64 new tokens each;
+``--prefill NxL``: N prompts of L tokens, one new token each), then profiles a third and prints
+the ops by self CPU time (``--shapes``: per input shape). This is how the README's split of a
+step into linear layers and the rest is read off: the bound on a factored model's speedup is
+(dense wall) / (rest of dense + dense linears / ideal).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ def main() -> None:
     p.add_argument("dir")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--prefill", default=None, help="NxL: N prompts of L tokens, 1 new token")
     p.add_argument("--compile", action="store_true", help="vLLM's torch.compile (default eager)")
     p.add_argument("--shapes", action="store_true", help="group the table by input shapes")
     p.add_argument("--rows", type=int, default=30)
@@ -31,25 +35,31 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=a.dir, dtype=a.dtype, max_model_len=128, enforce_eager=not a.compile,
-              gpu_memory_utilization=0.25, seed=0)
-    sp = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    n, length, new = a.concurrency, 32, 64
+    if a.prefill:
+        n, length = map(int, a.prefill.split("x"))
+        new = 1
+    llm = LLM(model=a.dir, dtype=a.dtype, max_model_len=length + new + 8,
+              enforce_eager=not a.compile, kv_cache_memory_bytes=2**30, seed=0)
+    sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     rng = random.Random(0)
 
     def prompts():
-        return [{"prompt_token_ids": [rng.randrange(100, 20000) for _ in range(32)]}
-                for _ in range(a.concurrency)]
+        return [{"prompt_token_ids": [rng.randrange(100, 20000) for _ in range(length)]}
+                for _ in range(n)]
 
     llm.generate(prompts(), sp, use_tqdm=False)
     for _ in range(2):
         t0 = time.perf_counter()
         llm.generate(prompts(), sp, use_tqdm=False)
-        print(f"output tokens/s: {a.concurrency * 64 / (time.perf_counter() - t0):.1f}")
+        wall = time.perf_counter() - t0
+        print(f"{'prompt' if a.prefill else 'output'} tokens/s: "
+              f"{n * (length if a.prefill else new) / wall:.1f}")
     with profile(activities=[ProfilerActivity.CPU], record_shapes=a.shapes) as prof:
         t0 = time.perf_counter()
         llm.generate(prompts(), sp, use_tqdm=False)
         wall = time.perf_counter() - t0
-    print(f"profiled generation: {wall * 1e3:.0f} ms wall, {wall / 64 * 1e3:.1f} ms per step")
+    print(f"profiled generation: {wall * 1e3:.0f} ms wall, {wall / new * 1e3:.1f} ms per new token")
     print(prof.key_averages(group_by_input_shape=a.shapes).table(
         sort_by="self_cpu_time_total", row_limit=a.rows))
 

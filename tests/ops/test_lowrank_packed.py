@@ -97,20 +97,22 @@ def test_native_strided_x_leading_dims_no_bias(dtype):
 @native
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_native_same_bits_on_any_thread_count(dtype):
-    """Each output is one tile's sum in one order whatever the threads split: a batch's result
-    does not depend on the machine's core count."""
+    """Each output is one tile's sum in one order however the threads split the work (V's and U's
+    panels at 40 rows, blocks of 128 rows at 300): a batch's result does not depend on the
+    machine's core count."""
     us, vs, b = _factors(576, [(576, 173), (96, 40)], dtype, seed=5)
     p = _packed(us, vs)
-    x = torch.randn(40, 576).to(dtype)
     threads = torch.get_num_threads()
-    try:
-        ys = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            ys.append(ops.lowrank_matmul_packed(x, p, b))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+    for M in (40, 300):
+        x = torch.randn(M, 576).to(dtype)
+        try:
+            ys = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                ys.append(ops.lowrank_matmul_packed(x, p, b))
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2]), M
 
 
 @native
