@@ -64,22 +64,7 @@ import serverlib  # noqa: E402
 from pgsvd_rt.integrations.serve import hf_directory  # noqa: E402
 
 log = logging.getLogger("bench_vllm")
-ELEM = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def bytes_per_token(directory: str, dtype: str) -> int:
-    """Bytes of weights one decode step reads (see the module doc), from the tensor header."""
-    from pgsvd_rt.io.quant_config import read_header
-
-    header = read_header(directory)
-    tied = json.load(open(os.path.join(directory, "config.json"))).get("tie_word_embeddings")
-    numel = {k: 1 for k in header}
-    for k, (shape, _) in header.items():
-        for s in shape:
-            numel[k] *= s
-    emb = next(k for k in header if k.endswith("embed_tokens.weight"))
-    total = sum(numel.values()) - (0 if tied else numel[emb])
-    return total * ELEM[dtype]
+DTYPES = ("bfloat16", "float32", "float16")
 
 
 def worker(a) -> None:
@@ -116,6 +101,16 @@ def worker(a) -> None:
         cmd, _, arg = line.strip().partition(" ")
         if cmd == "RUN":
             print("BENCH " + json.dumps(handle(arg, rng, run, sp, a)), flush=True)
+        elif cmd == "SPLIT":  # the load timed, then profiled: its wall time in the linears
+            from profile_vllm import split_linears
+            from torch.profiler import ProfilerActivity, profile
+
+            wall = handle(arg, rng, run, sp, a)["wall_s"]
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                handle(arg, rng, run, sp, a)
+            vocab = llm.llm_engine.model_config.hf_config.vocab_size
+            print("SPLIT " + json.dumps({"wall_s": wall, **split_linears(prof, vocab)}),
+                  flush=True)
         elif cmd == "TOKENS":  # offline greedy tokens of the given prompts, in one batch
             res, _ = run(json.loads(arg), sp)
             print("TOKENS " + json.dumps([list(r.outputs[0].token_ids) for r in res]), flush=True)
@@ -133,11 +128,12 @@ def handle(load, rng, run, sp, a) -> dict:
         n, length = map(int, load.split("x"))
         prompts = [[rng.randrange(100, 20000) for _ in range(length)] for _ in range(n)]
         res, wall = run(prompts, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-        return {"load": load, "tok_s": n * length / wall}
+        return {"load": load, "tok_s": n * length / wall, "wall_s": wall}
     c = int(load)
     prompts = [[rng.randrange(100, 20000) for _ in range(a.prompt)] for _ in range(c)]
     res, wall = run(prompts, sp)
-    return {"load": load, "tok_s": sum(len(r.outputs[0].token_ids) for r in res) / wall}
+    return {"load": load, "tok_s": sum(len(r.outputs[0].token_ids) for r in res) / wall,
+            "wall_s": wall}
 
 
 def max_len(a) -> int:
@@ -176,6 +172,12 @@ class Engine:
         self.p.stdin.write(f"RUN {load}\n")
         self.p.stdin.flush()
         return json.loads(self._read("BENCH "))["tok_s"]
+
+    def split(self, load) -> dict:
+        """``load`` timed, then profiled: wall_s, linear_ms and head_ms (profile_vllm.py)."""
+        self.p.stdin.write(f"SPLIT {load}\n")
+        self.p.stdin.flush()
+        return json.loads(self._read("SPLIT "))
 
     def tokens(self, prompts: list[list[int]]) -> list[list[int]]:
         """Offline greedy tokens of ``prompts`` (one batch)."""
@@ -222,60 +224,42 @@ def to_markdown(rep: dict) -> str:
               "(engines kept alive, variants taking turns). Command: `python benchmarks/"
               "bench_vllm.py` (see its header). tok/s = output tokens/s over all requests "
               "(prefill NxL: N prompts of L tokens, one new token each; prompt tokens/s); "
-              "ratio = median tok/s over dense's; paired = median over rounds of the ratio to "
-              "dense in the same round (range in brackets); frac ideal = paired / ideal.", ""]
+              "paired = median over rounds of the ratio to dense in the same round (range in "
+              "brackets); ideal = dense's bytes of weights per token over the variant's (= the "
+              "FLOPs ratio); bound = the most the variant can gain with its linears at their "
+              "ideal and the rest of dense's step as a profile of the same load measured it "
+              "(see profile_bound); frac = paired / ideal, paired / bound.", ""]
     for dtype, rows in rep["results"].items():
-        loads = _loads(m)
-        lines += [f"## {dtype}", "",
-                  "| variant | MB/token | ideal | " + " | ".join(
-                      f"{_head(c)} tok/s | ratio | paired | frac ideal" for c in loads) + " |",
-                  "|---|---|---|" + "---|---|---|---|" * len(loads)]
         dense = rows[0]
+        lines += [f"## {dtype}", "",
+                  "| variant | load | tok/s | paired vs dense | ideal | frac ideal | bound | "
+                  "frac bound |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             ideal = dense["bytes_per_token"] / r["bytes_per_token"]
-            cells = []
-            for c in loads:
-                tps = r["tok_s"][c]
-                ratio = tps / dense["tok_s"][c]
+            for c in _loads(m):
                 med, lo, hi = paired(r, dense, c)
-                cells.append(f"{tps:.1f} | {ratio:.2f}x | {med:.2f}x ({lo:.2f}-{hi:.2f}) | "
-                             f"{med / ideal:.2f}")
-            lines.append(f"| {r['name']} | {r['bytes_per_token'] / 1e6:.1f} | {ideal:.2f}x | "
-                         + " | ".join(cells) + " |")
+                bound = profile_bound(dense, r, c)
+                lines.append(
+                    f"| {r['name']} | {_head(c)} | {r['tok_s'][c]:.1f} | {med:.2f}x "
+                    f"({lo:.2f}-{hi:.2f}) | {ideal:.2f}x | {med / ideal:.2f} | "
+                    + (f"{bound:.2f}x | {med / bound:.2f} |" if bound else "- | - |"))
         lines.append("")
         if dtype in rep.get("server", {}):
-            lines += server_markdown(rep["server"][dtype], m, dense, rows)
+            lines += serverlib.server_markdown(rep["server"][dtype], m, dense, rows)
     return "\n".join(lines)
 
 
-def server_markdown(srv: dict, m: dict, dense: dict, rows: list[dict]) -> list[str]:
-    """The server mode's table for one dtype (median over rounds of each statistic)."""
-    lines = [f"### OpenAI server (`pgsvd serve`), {m['server_clients']} concurrent streaming "
-             "clients", "",
-             f"Each client: one completion of {m['prompt']} prompt tokens, {m['new_tokens']} "
-             "greedy new tokens (ignore_eos), streamed with token ids. ok = requests answered "
-             "whole (finish reason length, every token) over all rounds; same as offline = "
-             "greedy responses equal to the offline generation (vLLM's LLM.generate, one batch) "
-             "of the same prompts; TTFT / ITL = time to first token / between tokens, "
-             "milliseconds.", "",
-             "| variant | clients | tok/s | paired vs dense | TTFT p50 / p99 | ITL p50 / p99 | "
-             "ok | same as offline |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        for c, runs in srv[r["name"]].items():
-            def med(f, runs=runs):
-                return statistics.median(f(x) for x in runs)
-
-            pair = statistics.median(x["tok_s"] / d["tok_s"]
-                                     for x, d in zip(runs, srv[dense["name"]][c], strict=True))
-            ok = sum(x["ok"] for x in runs)
-            lines.append(
-                f"| {r['name']} | {c} | {med(lambda x: x['tok_s']):.1f} | {pair:.2f}x | "
-                f"{med(lambda x: x['ttft_ms']['p50']):.0f} / "
-                f"{med(lambda x: x['ttft_ms']['p99']):.0f} | "
-                f"{med(lambda x: x['itl_ms']['p50']):.1f} / "
-                f"{med(lambda x: x['itl_ms']['p99']):.1f} | {ok}/{sum(x['requests'] for x in runs)}"
-                f" | {sum(x['same_as_offline'] for x in runs)}/{ok} |")
-    return lines + [""]
+def profile_bound(dense: dict, r: dict, c: str) -> float | None:
+    """The most a variant can gain at load ``c`` with its linears at their ideal and the rest of
+    dense's step as measured: T / (T - L + L / kappa), T dense's wall, L the time of its decoder
+    linears in a profile of the same load (the head and everything else stay), kappa the bytes
+    (= FLOPs) ratio of the decoder linears. None where the report has no profile."""
+    split = dense.get("split", {}).get(c)
+    if not split or not r.get("linear_elems"):
+        return None
+    kappa = dense["linear_elems"] / r["linear_elems"]
+    T, L = split["wall_s"], min(split["linear_ms"] / 1e3, split["wall_s"])
+    return T / (T - L + L / kappa)
 
 
 def render(path: str) -> str:
@@ -293,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--render", metavar="JSON", help="rewrite a saved report's markdown and exit")
     p.add_argument("--model", default="smollm2-135m", help="the dense model (a pgsvd spec)")
     p.add_argument("--ckpt", action="append", default=[], metavar="NAME=DIR")
-    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(ELEM))
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -358,8 +342,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         runs = {n: {c: [] for c in loads} for n in dirs}
         prompts = ({c: serverlib.server_prompts(c, a.prompt) for c in a.server_clients}
                    if a.server else {})
-        offline = {}
-        engines = {}
+        offline, splits, engines = {}, {}, {}
         try:
             for n, (d, red) in dirs.items():
                 log.info("%s: starting %s", dtype, n)
@@ -371,12 +354,15 @@ def main(argv: list[str] | None = None) -> dict | None:
                 log.info("%s round %d: %s", dtype, r + 1, {
                     n: {c: round(x[-1], 1) for c, x in runs[n].items()} for n in names})
             offline = {n: {c: engines[n].tokens(pr) for c, pr in prompts.items()} for n in names}
+            splits = {c: engines["dense"].split(c) for c in loads} if a.tp == 1 else {}
         finally:
             for e in engines.values():
                 e.close()
         rep["results"][dtype] = [
             {"name": n, "dir": d, "tp_reduce": red,
-             "bytes_per_token": bytes_per_token(d, dtype),
+             "bytes_per_token": benchlib.bytes_per_token(d, dtype),
+             "linear_elems": benchlib.linear_elems(d),
+             **({"split": splits} if n == "dense" else {}),
              "tok_s": {c: statistics.median(x) for c, x in runs[n].items()},
              "rounds": runs[n]} for n, (d, red) in dirs.items()]
         if a.server:

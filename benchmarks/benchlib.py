@@ -9,6 +9,8 @@ Shape letters: M tokens per step, K in_features, N out_features, R rank. Keep ra
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import os
 import platform
 import re
 import statistics
@@ -154,3 +156,31 @@ def versions() -> dict:
         tv = None
     return {"torch": torch.__version__, "triton": tv, "python": platform.python_version(),
             "cuda": torch.version.cuda}
+
+
+def bytes_per_token(directory: str, dtype: str) -> int:
+    """Bytes of weights one decode step of a model directory reads, from its tensor header: every
+    tensor but the input embedding, plus the head (the tied embedding when tied)."""
+    from pgsvd_rt.io.quant_config import read_header
+
+    header = read_header(directory)
+    tied = json.load(open(os.path.join(directory, "config.json"))).get("tie_word_embeddings")
+    numel = {k: 1 for k in header}
+    for k, (shape, _) in header.items():
+        for s in shape:
+            numel[k] *= s
+    emb = next(k for k in header if k.endswith("embed_tokens.weight"))
+    total = sum(numel.values()) - (0 if tied else numel[emb])
+    return total * {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
+def linear_elems(directory: str) -> int:
+    """Elements of the decoder's linear weights (dense 2-D weights, factors u and v)."""
+    from pgsvd_rt.io.quant_config import read_header
+
+    total = 0
+    for k, (shape, _) in read_header(directory).items():
+        if ".layers." in k and (k.endswith((".u", ".v", ".vt"))
+                                or (k.endswith(".weight") and len(shape) == 2)):
+            total += shape[0] * shape[1]
+    return total

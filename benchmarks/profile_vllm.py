@@ -18,6 +18,27 @@ import os
 import random
 import time
 
+#: What a vLLM model's linear layers call on the CPU (their self time, so nothing twice):
+#: oneDNN (dense, where it builds), torch's GEMMs (dense bf16 without AVX-512), our ops.
+LINEAR_OPS = ("_C::onednn_mm", "aten::mm", "aten::addmm", "pgsvd::lowrank_matmul",
+              "pgsvd::lowrank_matmul_merged", "pgsvd::lowrank_matmul_grouped",
+              "pgsvd::lowrank_matmul_packed")
+
+
+def split_linears(prof, vocab: int) -> dict:
+    """Milliseconds of a profile (``record_shapes=True``) in the decoder's linear layers and in
+    the head (a linear op whose output has ``vocab`` columns), and the op total."""
+    lin = head = total = 0.0
+    for e in prof.key_averages(group_by_input_shape=True):
+        total += e.self_cpu_time_total
+        if e.key in LINEAR_OPS:
+            out = e.input_shapes[0] if e.input_shapes else []
+            if out and out[-1] == vocab:
+                head += e.self_cpu_time_total
+            else:
+                lin += e.self_cpu_time_total
+    return {"linear_ms": lin / 1e3, "head_ms": head / 1e3, "ops_ms": total / 1e3}
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -55,13 +76,17 @@ def main() -> None:
         wall = time.perf_counter() - t0
         print(f"{'prompt' if a.prefill else 'output'} tokens/s: "
               f"{n * (length if a.prefill else new) / wall:.1f}")
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=a.shapes) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         t0 = time.perf_counter()
         llm.generate(prompts(), sp, use_tqdm=False)
         wall = time.perf_counter() - t0
     print(f"profiled generation: {wall * 1e3:.0f} ms wall, {wall / new * 1e3:.1f} ms per new token")
     print(prof.key_averages(group_by_input_shape=a.shapes).table(
         sort_by="self_cpu_time_total", row_limit=a.rows))
+    vocab = llm.llm_engine.model_config.hf_config.vocab_size
+    split = split_linears(prof, vocab)
+    print(f"decoder linears {split['linear_ms']:.0f} ms, head {split['head_ms']:.0f} ms, all ops "
+          f"{split['ops_ms']:.0f} ms, wall {wall * 1e3:.0f} ms (profiled)")
 
 
 if __name__ == "__main__":

@@ -167,3 +167,33 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def server_markdown(srv: dict, m: dict, dense: dict, rows: list[dict]) -> list[str]:
+    """The server mode's table for one dtype (median over rounds of each statistic)."""
+    lines = [f"### OpenAI server (`pgsvd serve`), {m['server_clients']} concurrent streaming "
+             "clients", "",
+             f"Each client: one completion of {m['prompt']} prompt tokens, {m['new_tokens']} "
+             "greedy new tokens (ignore_eos), streamed with token ids. ok = requests answered "
+             "whole (finish reason length, every token) over all rounds; same as offline = "
+             "greedy responses equal to the offline generation (vLLM's LLM.generate, one batch) "
+             "of the same prompts; TTFT / ITL = time to first token / between tokens, "
+             "milliseconds.", "",
+             "| variant | clients | tok/s | paired vs dense | TTFT p50 / p99 | ITL p50 / p99 | "
+             "ok | same as offline |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for c, runs in srv[r["name"]].items():
+            def med(f, runs=runs):
+                return statistics.median(f(x) for x in runs)
+
+            pair = statistics.median(x["tok_s"] / d["tok_s"]
+                                     for x, d in zip(runs, srv[dense["name"]][c], strict=True))
+            ok = sum(x["ok"] for x in runs)
+            lines.append(
+                f"| {r['name']} | {c} | {med(lambda x: x['tok_s']):.1f} | {pair:.2f}x | "
+                f"{med(lambda x: x['ttft_ms']['p50']):.0f} / "
+                f"{med(lambda x: x['ttft_ms']['p99']):.0f} | "
+                f"{med(lambda x: x['itl_ms']['p50']):.1f} / "
+                f"{med(lambda x: x['itl_ms']['p99']):.1f} | {ok}/{sum(x['requests'] for x in runs)}"
+                f" | {sum(x['same_as_offline'] for x in runs)}/{ok} |")
+    return lines + [""]

@@ -30,8 +30,8 @@ def test_paired_ratio_pairs_rounds():
     assert bench.paired(fact, dense, 1) == pytest.approx((1.5, 1.5, 1.5))
     md = bench.to_markdown(rep)
     row = next(line for line in md.splitlines() if line.startswith("| pgsvd-40"))
-    # ideal 300 / 200 = 1.5; ratio of medians 45 / 30 = 1.5 here too, paired 1.5, frac 1.00.
-    assert "| 1.50x |" in row and "1.50x (1.50-1.50)" in row and row.endswith("| 1.00 |")
+    # ideal 300 / 200 = 1.5; paired 1.5, frac 1.00; no profile in the report: no bound.
+    assert "| 1.50x (1.50-1.50) | 1.50x | 1.00 | - | - |" in row
 
 
 def test_render_rewrites_markdown(tmp_path):
@@ -44,7 +44,22 @@ def test_render_rewrites_markdown(tmp_path):
     assert bench.main(["--render", str(js)]) is None
     md = (tmp_path / "r.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| pgsvd-40"))
-    assert "1.12x (1.00-2.00)" in row and row.endswith("| 0.75 |")  # 1.125 / 1.5
+    assert "| 1.12x (1.00-2.00) | 1.50x | 0.75 |" in row  # 1.125 / 1.5
+
+
+def test_profile_bound_keeps_the_rest_of_the_step():
+    """Dense spends 6 of its 10 s in the decoder's linears, which the variant reads 2x fewer of:
+    at best 10 / (4 + 3) = 1.43x; the paired 1.4x is 0.98 of that."""
+    bench = load_bench("bench_vllm")
+    rep = _report()
+    dense, fact = rep["results"]["bfloat16"]
+    dense["linear_elems"], fact["linear_elems"] = 2000, 1000
+    dense["split"] = {"1": {"wall_s": 10.0, "linear_ms": 6000.0, "head_ms": 500.0}}
+    fact["rounds"]["1"] = [42.0, 28.0, 56.0]  # paired 1.4 in every round
+    assert bench.profile_bound(dense, fact, "1") == pytest.approx(10 / 7)
+    row = next(line for line in bench.to_markdown(rep).splitlines()
+               if line.startswith("| pgsvd-40"))
+    assert row.endswith("| 1.43x | 0.98 |")
 
 
 def test_out_required_without_render():
