@@ -150,6 +150,18 @@ def _cmd_generate(args) -> dict:
             "device": device, "dtype": args.dtype, "decode": args.decode}
 
 
+def _cmd_heal(args) -> dict:
+    from pgsvd_rt.compress.heal import heal_checkpoint
+    from pgsvd_rt.config import HealConfig
+
+    config = HealConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                        samples=args.samples, lr=args.lr, bf16=args.bf16,
+                        save_every=args.save_every)
+    return heal_checkpoint(args.ckpt, args.out, config, teacher=args.teacher,
+                           overwrite=args.overwrite, restart=args.restart,
+                           progress=not args.json)
+
+
 def _cmd_serve(args) -> dict:
     from pgsvd_rt.integrations.serve import serve
 
@@ -280,6 +292,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--parts", nargs="+", choices=["kernels", "e2e", "als"], default=None)
     b.add_argument("--no-plots", action="store_true")
 
+    h = sub.add_parser("heal", help="distil a factored checkpoint toward its dense source on "
+                       "calibration text (only the factors and biases train); resumable")
+    h.add_argument("ckpt", help="a factored checkpoint directory")
+    h.add_argument("--out", required=True, help="the healed checkpoint's directory")
+    h.add_argument("--teacher", default=None, help="the dense model (default: the checkpoint's "
+                   "base model)")
+    h.add_argument("--steps", type=POSITIVE, default=100)
+    h.add_argument("--batch-size", type=POSITIVE, default=4)
+    h.add_argument("--seq-len", type=_int_at_least(2), default=256)
+    h.add_argument("--samples", type=POSITIVE, default=None,
+                   help="distinct calibration sequences (default: steps x batch size)")
+    h.add_argument("--lr", type=float, default=1e-4)
+    h.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast (auto: where the CPU has AVX512-BF16)")
+    h.add_argument("--save-every", type=POSITIVE, default=10,
+                   help="steps between resumable states")
+    h.add_argument("--overwrite", action="store_true")
+    h.add_argument("--restart", action="store_true", help="discard an interrupted run's state")
+
     s = sub.add_parser("serve", help="vLLM's OpenAI server for a factored (or dense) model, "
                        "set up for this machine; Ctrl-C stops it")
     s.add_argument("model", help=model_help)
@@ -293,14 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     # Arguments after `--` go to vLLM's server as they are (main() splits them off first).
     s.set_defaults(json=False, vllm_args=[])  # a server prints its log, not one JSON object
 
-    for q in (c, e, i, g, b, r, up):
+    for q in (c, e, i, g, b, r, up, h):
         q.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
 
 
 COMMANDS = {"compress": _cmd_compress, "eval": _cmd_eval, "info": _cmd_info,
             "generate": _cmd_generate, "bench": _cmd_bench, "reproduce": _cmd_reproduce,
-            "upgrade": _cmd_upgrade, "serve": _cmd_serve}
+            "upgrade": _cmd_upgrade, "serve": _cmd_serve, "heal": _cmd_heal}
 
 
 def _json_safe(x):

@@ -123,3 +123,66 @@ class CompressConfig:
         if isinstance(kw.get("calib"), dict):
             kw["calib"] = CalibConfig.from_dict(kw["calib"])
         return cls(**kw)
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    """Recovery after compression (:func:`pgsvd_rt.compress.heal.heal_`): knowledge
+    distillation of the factored model toward its dense source on calibration text.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: sequences per step; seq_len: tokens per sequence.
+        samples: distinct calibration sequences cycled through (the wiki-offline calibration
+            pool, never an evaluation text); default ``steps * batch_size`` (each seen once).
+        lr: AdamW's peak learning rate (linear warm-up over ``warmup`` steps, cosine to 10%).
+        temperature: of the softmax both models' logits go through (the KL is scaled by T²).
+        grad_clip: max global norm of the gradients of the trained tensors.
+        bf16: autocast the forward passes to bf16 ("auto": where the CPU has AVX512-BF16, or on
+            CUDA; the trained tensors and the optimizer stay fp32).
+        save_every: steps between resumable states.
+        seed: order of the batches.
+    """
+
+    steps: int = 100
+    batch_size: int = 4
+    seq_len: int = 256
+    samples: int | None = None
+    lr: float = 1e-4
+    warmup: int = 5
+    temperature: float = 1.0
+    grad_clip: float = 1.0
+    bf16: str = "auto"
+    save_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"HealConfig.{name} must be a positive int, got {value!r}")
+        if self.seq_len < 2:
+            raise ValueError(f"HealConfig.seq_len must be >= 2, got {self.seq_len}")
+        if self.samples is not None and (not isinstance(self.samples, int) or self.samples < 1):
+            raise ValueError(f"HealConfig.samples must be None or a positive int, "
+                             f"got {self.samples!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"HealConfig.warmup must be an int >= 0, got {self.warmup!r}")
+        for name in ("lr", "temperature", "grad_clip"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"HealConfig.{name} must be a finite number > 0, got {value!r}")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise ValueError(f"HealConfig.bf16 must be 'auto', 'on' or 'off', got {self.bf16!r}")
+
+    @property
+    def n_samples(self) -> int:
+        return self.samples if self.samples is not None else self.steps * self.batch_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HealConfig:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+

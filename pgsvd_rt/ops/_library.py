@@ -120,6 +120,9 @@ torch.library.register_autograd(
     setup_context=_lowrank_matmul_setup_context,
     lib=_lib,
 )
+# Under CPU autocast (bf16: training a factored model in mixed precision, pgsvd_rt.compress.heal)
+# the op runs on bf16 inputs, as nn.Linear does; the casts are recorded for autograd.
+torch.library.register_autocast("pgsvd::lowrank_matmul", "cpu", torch.bfloat16, lib=_lib)
 
 
 # ---------------------------------------------------------------------------------------------
