@@ -1,7 +1,9 @@
-"""Low-rank and 8-bit together, at equal bytes, against torchao on the CPU.
+"""Accuracy at equal bytes: low rank (zero-shot, healed, with int8 factors) against torchao.
 
     python benchmarks/bench_int8.py --model smollm2-135m --out benchmarks/results \\
         --text-file ../shared/data/wikitext-2-raw/wiki.test.raw
+    python benchmarks/bench_int8.py --model smollm2-135m --variants dense torchao-int8 \\
+        torchao-int4 pgsvd-20 pgsvd-20~heal100 --no-timing --tag heal --out ...   # heal table
     python benchmarks/bench_int8.py --smoke --out /tmp/i8     # tiny random model (CI)
 
 Every variant serves in bf16 (activations; int8/int4 weights where quantised):
@@ -11,12 +13,16 @@ Every variant serves in bf16 (activations; int8/int4 weights where quantised):
 - ``pgsvd-P``: PGSVD at ratio P/100, bf16 factors; ``pgsvd-P+int8``: the same ranks with int8
   factors (``compress --int8``: per-row scales, Gram-weighted clipping), served by
   ``pgsvd::lowrank_matmul_int8`` (torch's int8 weight-only GEMM, factors never dequantised).
+- ``pgsvd-P~healS``: ``pgsvd-P`` healed for S steps (``pgsvd_rt.compress.heal``: KL toward the
+  dense model on the calibration pool, ``--heal-batch`` x ``--heal-seq-len`` tokens a step, lr
+  ``--heal-lr``); same ranks, bytes and speed as ``pgsvd-P`` (not timed again).
 One calibration (``--calib-samples`` x 512 wiki-offline tokens) serves every PGSVD variant.
 
 Measured: bytes of the compressed linears against dense bf16 (factors, int8 values and scales as
 stored; torchao's from its format: int8 1 B per weight + a bf16 scale per row; int4 0.5 B per
-weight + bf16 scale and zero per group of 64), WikiText-2 perplexity (``--windows`` x 512, BOS
-as the tokenizer says), greedy decode tokens/s at batch 1 (random 64-token prompt, ``--new``
+weight + bf16 scale and zero per group of 64), perplexity on ``--text-file`` (WikiText-2) and on
+the held-out wiki-offline slice (``--windows`` x 512 each, BOS as the tokenizer says), greedy
+decode tokens/s at batch 1 (random 64-token prompt, ``--new``
 tokens, static KV cache; ``--compile`` also with the decode step ``torch.compile``-d, which
 torchao's int8 needs to avoid dequantising its weight each call), variants timed in turns over
 ``--rounds`` rounds. Per-layer int8 error: what int8 adds to each factored layer's error,
@@ -44,7 +50,8 @@ import benchlib  # noqa: E402
 from pgsvd_rt import data, models  # noqa: E402
 from pgsvd_rt.arch import block_linears  # noqa: E402
 from pgsvd_rt.compress import calibrate, compress_  # noqa: E402
-from pgsvd_rt.config import CalibConfig, CompressConfig  # noqa: E402
+from pgsvd_rt.compress.heal import heal_  # noqa: E402
+from pgsvd_rt.config import CalibConfig, CompressConfig, HealConfig  # noqa: E402
 from pgsvd_rt.eval import perplexity  # noqa: E402
 from pgsvd_rt.generation import StaticGreedy  # noqa: E402
 
@@ -96,15 +103,26 @@ def build_variants(a, dense, tok) -> tuple[dict, dict]:
             continue
         if spec == "dense":
             continue
-        ratio = int(spec.split("-")[1].split("+")[0]) / 100
+        base, _, heal = spec.partition("~heal")
+        ratio = int(base.split("-")[1].split("+")[0]) / 100
         model = copy.deepcopy(dense).float()
         report = compress_(model, CompressConfig(method="pgsvd", ratio=ratio,
-                                                 int8=spec.endswith("+int8"), calib=calib),
+                                                 int8=base.endswith("+int8"), calib=calib),
                            stats=stats, calibration=prov, progress=False)
+        if heal:
+            hc = HealConfig(steps=int(heal), batch_size=a.heal_batch, seq_len=a.heal_seq_len,
+                            lr=a.heal_lr)
+            h = heal_(model, copy.deepcopy(dense).float(), tok, hc, progress=False)
+            info[spec] = {"heal_s_per_step": h.s_per_step, "heal_wall_s": h.wall_s,
+                          "heal_tokens": h.tokens, "heal_kl_first": h.kl_first,
+                          "heal_kl_last": h.kl_last, "heal_bf16": h.bf16}
+            log.info("%s: healed %d steps, %.1f s/step, KL %.3f -> %.3f", spec, h.steps,
+                     h.s_per_step, h.kl_first, h.kl_last)
         out[spec] = model.to(torch.bfloat16).eval()
         errs = [r.int8_rel_error for r in report.layers if r.int8_rel_error is not None]
         clips = [c for r in report.layers if r.int8_clip for c in r.int8_clip]
-        info[spec] = {"achieved_ratio": report.achieved_ratio, "dense_layers": report.dense_layers}
+        info[spec] = info.get(spec, {}) | {"achieved_ratio": report.achieved_ratio,
+                                           "dense_layers": report.dense_layers}
         if errs:
             info[spec] |= {"int8_rel_error_median": statistics.median(errs),
                            "int8_rel_error_max": max(errs), "layers": len(errs),
@@ -140,6 +158,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile-d decode")
+    ap.add_argument("--no-timing", action="store_true", help="accuracy and bytes only")
+    ap.add_argument("--heal-batch", type=int, default=4)
+    ap.add_argument("--heal-seq-len", type=int, default=256)
+    ap.add_argument("--heal-lr", type=float, default=1e-4)
+    ap.add_argument("--tag", default="", help="appended to the output name")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t_start = time.perf_counter()
@@ -149,24 +172,30 @@ def main(argv=None) -> dict:
 
         dense, tok, desc = tiny_model("llama"), tiny_tokenizer(), "tiny random llama"
         a.windows, a.seq_len, a.calib_samples, a.new, a.rounds = 2, 32, 4, 4, 1
+        a.heal_batch, a.heal_seq_len = 2, 16
     else:
         dense, tok, source = models.load(a.model)
         desc = source.describe()
-    ids, where = data.eval_ids(tok, a.text_file)
+    texts = {"ppl": data.eval_ids(tok, a.text_file)}
+    if a.text_file is not None:
+        texts["ppl_heldout"] = data.eval_ids(tok, None)
     bos = data.bos_id(tok)
     dense_bytes = linear_bytes(dense.to(torch.bfloat16))
     variants, info = build_variants(a, dense, tok)
     rows = {}
     for name, model in variants.items():
         kind = name.removeprefix("torchao-") if name.startswith("torchao-") else None
-        ppl = perplexity(model, ids, a.seq_len, a.windows, bos_id=bos)["ppl"]
-        rows[name] = {"bytes_vs_dense": linear_bytes(model, kind) / dense_bytes, "ppl": ppl,
+        rows[name] = {"bytes_vs_dense": linear_bytes(model, kind) / dense_bytes,
+                      **{key: perplexity(model, ids, a.seq_len, a.windows, bos_id=bos)["ppl"]
+                         for key, (ids, _) in texts.items()},
                       **info.get(name, {})}
-        log.info("%s: bytes %.3f, ppl %.3f", name, rows[name]["bytes_vs_dense"], ppl)
+        log.info("%s: bytes %.3f, ppl %s", name, rows[name]["bytes_vs_dense"],
+                 {k: round(rows[name][k], 3) for k in texts})
     vocab = dense.get_input_embeddings().num_embeddings
-    for mode in ("static", "compile") if a.compile else ("static",):
+    timed = {n: m for n, m in variants.items() if "~heal" not in n}  # healed: same speed
+    for mode in () if a.no_timing else ("static", "compile") if a.compile else ("static",):
         timers = {}
-        for name, model in variants.items():
+        for name, model in timed.items():
             try:
                 timers[name] = decode_timer(model, vocab, a.new, mode == "compile")
                 timers[name]()  # warm-up (compiles)
@@ -182,12 +211,13 @@ def main(argv=None) -> dict:
             rows[name][f"tok_s_{mode}"] = statistics.median(s)
     res = {"model": desc, "device": benchlib.device_name("cpu"), "date": benchlib.today(),
            "torch": torch.__version__, "torchao": _torchao_version(), "bos": bos is not None,
-           "windows": a.windows, "seq_len": a.seq_len, "text": where,
+           "windows": a.windows, "seq_len": a.seq_len, "text": texts["ppl"][1],
+           "heldout": texts["ppl_heldout"][1] if "ppl_heldout" in texts else None,
            "calib_samples": a.calib_samples, "new_tokens": a.new, "rounds": a.rounds,
            "rows": rows, "wall_s": time.perf_counter() - t_start,
            "command": " ".join(["python", *sys.argv])}
     os.makedirs(a.out, exist_ok=True)
-    tag = "smoke" if a.smoke else a.model
+    tag = ("smoke" if a.smoke else a.model) + (f"-{a.tag}" if a.tag else "")
     stem = os.path.join(a.out, f"{benchlib.device_slug(res['device'])}-{res['date']}-int8-{tag}")
     with open(stem + ".json", "w") as f:
         json.dump(res, f, indent=1)
@@ -208,19 +238,27 @@ def _torchao_version() -> str | None:
 def to_markdown(res: dict) -> str:
     modes = [m for m in ("static", "compile")
              if any(f"tok_s_{m}" in r for r in res["rows"].values())]
-    head = "| variant | linear bytes vs bf16 dense | WikiText-2 ppl | " + " | ".join(
-        f"decode tok/s b1 ({m})" for m in modes) + " | int8 error per layer: median / max |"
+    held = any("ppl_heldout" in r for r in res["rows"].values())
+    head = ("| variant | linear bytes vs bf16 dense | WikiText-2 ppl | "
+            + ("held-out ppl | " if held else "") + " | ".join(
+                f"decode tok/s b1 ({m})" for m in modes)
+            + (" | " if modes else "") + "heal: s/step, KL first -> last | "
+            "int8 error per layer: median / max |")
     lines = [f"# Low rank + int8 at equal bytes, {res['model']}", "",
              f"{res['device']}, {res['date']}; torch {res['torch']}, torchao {res['torchao']}. "
              f"Perplexity over {res['windows']} x {res['seq_len']}-token windows of "
              f"{res['text']}; decode: {res['new_tokens']} new tokens after a 64-token prompt, "
              f"median of {res['rounds']} rounds taken in turns. CPU numbers.", "", head,
-             "|" + "---|" * (4 + len(modes))]
+             "|" + "---|" * (5 + held + len(modes))]
     for name, r in sorted(res["rows"].items(), key=lambda kv: -kv[1]["bytes_vs_dense"]):
         tps = " | ".join(f"{r[f'tok_s_{m}']:.1f}" if f"tok_s_{m}" in r else "-" for m in modes)
         err = (f"{r['int8_rel_error_median']:.2e} / {r['int8_rel_error_max']:.2e}"
                if "int8_rel_error_median" in r else "")
-        lines.append(f"| {name} | {r['bytes_vs_dense']:.3f} | {r['ppl']:.3f} | {tps} | {err} |")
+        heal = (f"{r['heal_s_per_step']:.1f}, {r['heal_kl_first']:.3f} -> {r['heal_kl_last']:.3f}"
+                if "heal_s_per_step" in r else "")
+        lines.append(f"| {name} | {r['bytes_vs_dense']:.3f} | {r['ppl']:.3f} | "
+                     + (f"{r['ppl_heldout']:.3f} | " if held else "")
+                     + (f"{tps} | " if modes else "") + f"{heal} | {err} |")
     lines += ["", f"Command: `{res['command']}` ({res['wall_s']:.0f} s)", ""]
     return "\n".join(lines)
 

@@ -27,3 +27,18 @@ def test_int8_bench_smoke(tmp_path):
         assert r["ppl"] > 1 and r["tok_s_static"] > 0, name
     assert 0 <= rows["pgsvd-40+int8"]["int8_rel_error_max"] < 0.05
     assert "| pgsvd-40+int8 |" in js.with_suffix(".md").read_text()
+
+
+def test_int8_bench_heal_variant_smoke(tmp_path):
+    """A healed variant (``pgsvd-P~healS``) keeps its twin's bytes, is not timed again, and the
+    table reports its heal; torchao is not needed for it."""
+    subprocess.run([sys.executable, "benchmarks/bench_int8.py", "--smoke", "--out", str(tmp_path),
+                    "--variants", "dense", "pgsvd-40", "pgsvd-40~heal3", "--tag", "heal"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    (js,) = tmp_path.glob("cpu-*-int8-smoke-heal.json")
+    rows = json.loads(js.read_text())["rows"]
+    healed, twin = rows["pgsvd-40~heal3"], rows["pgsvd-40"]
+    assert healed["bytes_vs_dense"] == twin["bytes_vs_dense"] < 1
+    assert healed["heal_s_per_step"] > 0 and "tok_s_static" not in healed
+    assert twin["tok_s_static"] > 0 and healed["ppl"] > 1
+    assert "| pgsvd-40~heal3 |" in js.with_suffix(".md").read_text()
