@@ -171,8 +171,8 @@ def _free_port() -> int:
 
 def server_markdown(srv: dict, m: dict, dense: dict, rows: list[dict]) -> list[str]:
     """The server mode's table for one dtype (median over rounds of each statistic)."""
-    lines = [f"### OpenAI server (`pgsvd serve`), {m['server_clients']} concurrent streaming "
-             "clients", "",
+    clients = " and ".join(str(c) for c in m["server_clients"])
+    lines = [f"### OpenAI server (`pgsvd serve`), {clients} concurrent streaming clients", "",
              f"Each client: one completion of {m['prompt']} prompt tokens, {m['new_tokens']} "
              "greedy new tokens (ignore_eos), streamed with token ids. ok = requests answered "
              "whole (finish reason length, every token) over all rounds; same as offline = "

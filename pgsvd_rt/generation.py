@@ -12,8 +12,8 @@ Three modes, measured against each other by ``benchmarks/bench_e2e.py`` (``--dec
 
 The default is ``"static"``: on the CPU it measured fastest for a one-shot generation
 (``compile`` decodes faster per token but its first call costs 45-55 s of compilation, repaid
-only after thousands of tokens; README "Latency", ``benchmarks/bench_cpu_e2e.py``). Servers
-that generate for long should pick ``"compile"``.
+only after thousands of tokens; docs/history.md, the CPU end-to-end figures of 2026-12-03).
+Servers that generate for long should pick ``"compile"``, or serve through vLLM.
 
 Batches are rectangular: every prompt of a batch has the same length (no padding). Greedy
 tokens are those of ``model.generate(do_sample=False)`` with the same cache length (tested).
