@@ -262,6 +262,48 @@ def profile_bound(dense: dict, r: dict, c: str) -> float | None:
     return T / (T - L + L / kappa)
 
 
+def summary(paths: list[str]) -> str:
+    """One markdown table over saved reports (the README's speed table): per report, dtype and
+    factored variant, each load's paired speedup over dense with its fraction of the profile
+    bound (of the bytes ideal where the report has no profile), and the server's paired tok/s
+    with the p99 inter-token latency over dense's (below 1 = better than dense)."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rep = json.load(f)
+        m, srv = rep["meta"], rep.get("server", {})
+        clients = [str(c) for c in m.get("server_clients") or []]
+        for dtype, res in rep["results"].items():
+            dense = res[0]
+            for r in res[1:]:
+                ideal = dense["bytes_per_token"] / r["bytes_per_token"]
+                cells = []
+                prefill = next((c for c in _loads(m) if "x" in c), "none")
+                for c in ("1", "16", "64", prefill):
+                    if c not in r["tok_s"]:
+                        cells.append("-")
+                        continue
+                    med = paired(r, dense, c)[0]
+                    bound = profile_bound(dense, r, c) or ideal
+                    cells.append(f"{med:.2f}x ({med / bound:.2f})")
+                s = srv.get(dtype, {})
+                for c in ("16", "64"):
+                    if c not in clients or r["name"] not in s:
+                        cells.append("-")
+                        continue
+                    itl = (serverlib.itl_p99(s, r["name"], c)
+                           / serverlib.itl_p99(s, dense["name"], c))
+                    cells.append(f"{serverlib.server_paired(s, r['name'], dense['name'], c):.2f}x"
+                                 f" / {itl:.2f}")
+                cpu = m["device"].split(",")[0].removeprefix("CPU: ")
+                rows.append(f"| {cpu}, {m['date']} | {m['model']} | {r['name']} | "
+                            f"{dtype} | {'compiled' if m['compile'] else 'eager'} | "
+                            + " | ".join(cells) + " |")
+    return "\n".join([
+        "| CPU, date | model | variant | dtype | vLLM | c=1 | c=16 | c=64 | prefill | server 16 | "
+        "server 64 |", "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""])
+
+
 def render(path: str) -> str:
     """Rewrite the markdown beside a saved JSON report (same stem) and return it."""
     with open(path) as f:
@@ -275,6 +317,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", help="directory for the JSON + markdown report")
     p.add_argument("--render", metavar="JSON", help="rewrite a saved report's markdown and exit")
+    p.add_argument("--summary", metavar="JSON", nargs="+",
+                   help="print one table over saved reports (the README's) and exit")
     p.add_argument("--model", default="smollm2-135m", help="the dense model (a pgsvd spec)")
     p.add_argument("--ckpt", action="append", default=[], metavar="NAME=DIR")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES))
@@ -307,6 +351,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         return worker(a)
     if a.render:
         sys.stdout.write(render(a.render))
+        return None
+    if a.summary:
+        sys.stdout.write(summary(a.summary))
         return None
     if not a.out:
         p.error("--out is required (unless --render)")

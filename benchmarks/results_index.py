@@ -27,7 +27,7 @@ AREAS = [
      "bench_vllm.py"),
     ("layers", "the linear layers of one model step, our op vs vLLM's dense layers",
      "bench_layers.py"),
-    ("heal", "accuracy after healing, at equal bytes with torchao", "bench_heal.py"),
+    ("heal", "accuracy after healing, at equal bytes with torchao", "bench_int8.py --tag heal"),
     ("reproduce", "accuracy: the paper's table (perplexity, zero-shot)", "pgsvd reproduce"),
     ("quality", "accuracy: held-out perplexity per method and ratio", "quality_table.py"),
     ("lmeval", "zero-shot tasks cross-checked with lm-eval", "lmeval_crosscheck.py"),

@@ -169,6 +169,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def server_paired(srv: dict, name: str, dense: str, c: str) -> float:
+    """Median over rounds of a variant's output tokens/s over dense's in the same round."""
+    return statistics.median(x["tok_s"] / d["tok_s"]
+                             for x, d in zip(srv[name][c], srv[dense][c], strict=True))
+
+
+def itl_p99(srv: dict, name: str, c: str) -> float:
+    """Median over rounds of the p99 inter-token latency (ms) of ``c`` clients."""
+    return statistics.median(x["itl_ms"]["p99"] for x in srv[name][c])
+
+
 def server_markdown(srv: dict, m: dict, dense: dict, rows: list[dict]) -> list[str]:
     """The server mode's table for one dtype (median over rounds of each statistic)."""
     clients = " and ".join(str(c) for c in m["server_clients"])
@@ -186,8 +197,7 @@ def server_markdown(srv: dict, m: dict, dense: dict, rows: list[dict]) -> list[s
             def med(f, runs=runs):
                 return statistics.median(f(x) for x in runs)
 
-            pair = statistics.median(x["tok_s"] / d["tok_s"]
-                                     for x, d in zip(runs, srv[dense["name"]][c], strict=True))
+            pair = server_paired(srv, r["name"], dense["name"], c)
             ok = sum(x["ok"] for x in runs)
             lines.append(
                 f"| {r['name']} | {c} | {med(lambda x: x['tok_s']):.1f} | {pair:.2f}x | "

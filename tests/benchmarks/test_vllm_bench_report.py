@@ -82,3 +82,24 @@ def test_server_table_pairs_rounds_and_counts_every_request():
     row = next(line for line in md.splitlines() if line.startswith("| pgsvd-40 | 4 |"))
     # paired: 1.5 in both rounds; ok 7 of 8 requests, 6 of the 7 as offline.
     assert "| 1.50x |" in row and "| 7/8 | 6/7 |" in row
+
+
+def test_summary_one_row_per_variant_with_server_cells(tmp_path, capsys):
+    """--summary (the README's speed table): paired speedup and its fraction of the ideal per
+    load, '-' for loads the report lacks, the server's paired tok/s and p99 ITL over dense."""
+    bench = load_bench("bench_vllm")
+    rep = _report()
+
+    def st(tok_s, p99):
+        return {"requests": 4, "ok": 4, "failed": [], "tok_s": tok_s, "same_as_offline": 4,
+                "ttft_ms": {"p50": 10.0, "p99": 20.0}, "itl_ms": {"p50": 1.0, "p99": p99}}
+
+    rep["meta"]["server_clients"] = [16]
+    rep["server"] = {"bfloat16": {"dense": {"16": [st(10.0, 4.0)]},
+                                  "pgsvd-40": {"16": [st(12.0, 3.0)]}}}
+    js = tmp_path / "r.json"
+    js.write_text(json.dumps(rep))
+    assert bench.main(["--summary", str(js)]) is None
+    rows = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| test")]
+    assert rows == ["| test, 2026-12-03 | tiny | pgsvd-40 | bfloat16 | eager | 1.50x (1.00) | - "
+                    "| - | - | 1.20x / 0.75 | - |"]
