@@ -77,7 +77,8 @@ def _cmd_reproduce(args) -> dict:
     from pgsvd_rt.config import CalibConfig
     from pgsvd_rt.eval.table import reproduce
 
-    calib = CalibConfig(samples=args.calib_samples, seq_len=args.seq_len)
+    calib = CalibConfig(samples=args.calib_samples, seq_len=args.seq_len,
+                        blocks_per_pass=args.blocks_per_pass)
     result = reproduce(args.out, model=args.model, methods=tuple(args.methods),
                        ratios=tuple(args.ratios),
                        tasks=tuple(t for t in args.tasks.split(",") if t),
@@ -264,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--windows", type=POSITIVE, default=24)
     r.add_argument("--seq-len", type=_int_at_least(2), default=512)
     r.add_argument("--calib-samples", type=POSITIVE, default=64)
+    r.add_argument("--blocks-per-pass", type=POSITIVE, default=None,
+                   help="hold the Grams of this many decoder blocks at once (each compression "
+                        "then calibrates pass by pass: same statistics, less memory)")
 
     i = sub.add_parser("info", help="ranks and ratio of a factored checkpoint")
     i.add_argument("dir")

@@ -63,7 +63,11 @@ def quality_table(
         {"calibration", "rows": [...]} with one dense row and one row per (method, ratio).
     """
     t0 = time.perf_counter()
-    stats, provenance = calibrate(dense, tokenizer, calib, progress)
+    # One calibration shared by every method holds every block's Grams at once; with
+    # calib.blocks_per_pass each compression gathers them a few blocks at a time instead (the
+    # same data and the same dense model: the same statistics, at a fraction of the memory).
+    shared = calib.blocks_per_pass is None
+    stats, provenance = calibrate(dense, tokenizer, calib, progress) if shared else (None, None)
     calib_s = time.perf_counter() - t0
 
     bos = data.bos_id(tokenizer)
@@ -86,11 +90,13 @@ def quality_table(
             model = copy.deepcopy(dense)
             config = CompressConfig(method=method, ratio=ratio, calib=calib)
             t = time.perf_counter()
-            report = compress_(model, config, stats=stats, calibration=provenance,
-                               compare_closed_form=(method == "pgsvd"), progress=progress)
+            report = compress_(model, config, tokenizer=tokenizer, stats=stats,
+                               calibration=provenance, compare_closed_form=(method == "pgsvd"),
+                               progress=progress)
             compress_s = time.perf_counter() - t + calib_s * config.needs_grams
             row = report.summary() | {"compress_s_incl_calibration": compress_s,
                                       "ppl": score(model)} | zeroshot(model)
+            provenance = provenance or row["calibration"]
             del row["calibration"]
             if method == "svd-llm":
                 closed_form = {x.name: x.objective for x in report.layers}
@@ -102,7 +108,9 @@ def quality_table(
             rows.append(row)
             log.info("%s @ %.0f%%: %s", method, 100 * ratio, row["ppl"])
             del model
-    return {"calibration": provenance | {"wall_s": calib_s}, "windows": windows,
+    return {"calibration": (provenance or {}) | {"wall_s": calib_s,
+                                                 "blocks_per_pass": calib.blocks_per_pass},
+            "windows": windows,
             "seq_len": seq_len, "bos": bos is not None, "rows": rows,
             "tasks": list(tasks or []), "task_limit": task_limit}
 

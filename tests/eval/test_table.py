@@ -62,3 +62,20 @@ def test_cli_reproduce_perplexity_only(tiny_model_dir, text_file, tmp_path, caps
     assert [r["method"] for r in out["rows"]] == ["dense", "svd-llm"]
     assert all(r["avg_acc"] is None for r in out["rows"])
     assert out["rows"][1]["ppl"]["wikitext2"] > 1
+
+
+def test_blocks_per_pass_gives_the_table_of_one_shared_calibration(tiny_model_dir, text_file,
+                                                                   tmp_path):
+    """`reproduce --blocks-per-pass`: each compression gathers its Grams a block at a time from
+    the same data, so every row equals the one a single shared calibration gives."""
+    kw = dict(model=str(tiny_model_dir), methods=("svd-llm", "pgsvd"), ratios=(0.3,), tasks=(),
+              text_file=str(text_file), windows=2, seq_len=32, progress=False)
+    shared = reproduce(tmp_path / "a", calib=CalibConfig(samples=4, seq_len=32), name="a", **kw)
+    passes = reproduce(tmp_path / "b", calib=CalibConfig(samples=4, seq_len=32,
+                                                         blocks_per_pass=1), name="b", **kw)
+    assert passes["calibration"]["blocks_per_pass"] == 1
+    assert passes["calibration"]["tokens"] == shared["calibration"]["tokens"] == 4 * 32
+    for a, b in zip(shared["rows"], passes["rows"], strict=True):
+        assert a["method"] == b["method"]
+        assert b["ppl"]["wikitext2"] == pytest.approx(a["ppl"]["wikitext2"], rel=1e-5)
+        assert b.get("eps") == pytest.approx(a.get("eps"))
