@@ -52,6 +52,7 @@
 #endif
 
 #include "bf16_simd.h"
+#include "output_pool.h"
 
 namespace pgsvd {
 
@@ -385,7 +386,7 @@ at::Tensor lowrank_matmul_packed_cpu(const at::Tensor& x, const at::Tensor& w,
   shape.back() = L.n_total();
   at::Tensor x2 = x.reshape({M, L.K});
   if (!kernels_for(x.scalar_type())) return unpacked(x2, w, L, bias).view(shape);
-  at::Tensor y = at::empty({M, L.n_total()}, x.options());
+  at::Tensor y = pooled_empty({M, L.n_total()}, x.options());  // resident pages, see there
   if (M == 0) return y.view(shape);
 #ifdef PGSVD_BF16_X86
   const at::Tensor wc = w.contiguous();

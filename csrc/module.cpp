@@ -25,6 +25,8 @@ void force_avx2(bool on);
 namespace packed {
 bool kernels(bool bf16);                      // lowrank_packed_cpu.cpp
 }  // namespace packed
+pybind11::dict output_pool_stats();           // output_pool.cpp
+void output_pool_clear();
 }  // namespace pgsvd
 
 namespace {
@@ -79,4 +81,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "lowrank_calls", [] { return pgsvd::g_lowrank_calls.load(std::memory_order_relaxed); },
       "number of lowrank_matmul(_grouped) calls served by the CPU kernels (to verify dispatch)");
+  m.def("output_pool_stats", &pgsvd::output_pool_stats,
+        "the CPU ops' output pool: cached_bytes, cap_bytes, blocks, hits, misses");
+  m.def("output_pool_clear", &pgsvd::output_pool_clear,
+        "free the pool's cached blocks (outputs still alive come back to it later)");
 }

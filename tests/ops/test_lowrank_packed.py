@@ -5,7 +5,7 @@ Each native case checks that the C++ kernel served it (its call counter) and hol
 columns to the rule of tests/accuracy.py against fp64. The shapes cross every edge of the
 kernels: M = 1..7 (6-row tiles of two panels), 12-13 and 17 (12-row tiles where a panel is
 alone), 128-130 and 257 (128-row blocks); N and R around 32 (a panel, a pair), odd K (bf16's last
-pair), K = 1000 (fp32's 128-step chunks summed in fp64), several groups sharing x.
+pair), K = 1000 (fp32's 128-step chunks, summed in fp32), several groups sharing x.
 """
 
 import pytest
