@@ -263,19 +263,21 @@ def profile_bound(dense: dict, r: dict, c: str) -> float | None:
 
 
 def summary(paths: list[str]) -> str:
-    """One markdown table over saved reports (the README's speed table): per report, dtype and
-    factored variant, each load's paired speedup over dense with its fraction of the profile
-    bound (of the bytes ideal where the report has no profile), and the server's paired tok/s
-    with the p99 inter-token latency over dense's (below 1 = better than dense)."""
-    rows = []
+    """The README's speed tables over saved reports: per report, dtype and factored variant,
+    each load's paired speedup over dense with its fraction of the profile bound (of the bytes
+    ideal where the report has no profile); then, for reports with a server mode, the server's
+    paired tok/s and its p99 inter-token latency over dense's (below 1 = better than dense)."""
+    rows, srows = [], []
     for path in paths:
         with open(path) as f:
             rep = json.load(f)
         m, srv = rep["meta"], rep.get("server", {})
-        clients = [str(c) for c in m.get("server_clients") or []]
+        cpu = m["device"].split(",")[0].removeprefix("CPU: ")
         for dtype, res in rep["results"].items():
             dense = res[0]
             for r in res[1:]:
+                head = (f"| {cpu}, {m['date']} | {m['model']} | {r['name']} | {dtype} | "
+                        f"{'compiled' if m['compile'] else 'eager'} | ")
                 ideal = dense["bytes_per_token"] / r["bytes_per_token"]
                 cells = []
                 prefill = next((c for c in _loads(m) if "x" in c), "none")
@@ -286,22 +288,26 @@ def summary(paths: list[str]) -> str:
                     med = paired(r, dense, c)[0]
                     bound = profile_bound(dense, r, c) or ideal
                     cells.append(f"{med:.2f}x ({med / bound:.2f})")
+                rows.append(head + " | ".join(cells) + " |")
                 s = srv.get(dtype, {})
+                if r["name"] not in s:
+                    continue
+                cells = []
                 for c in ("16", "64"):
-                    if c not in clients or r["name"] not in s:
+                    if c not in s[r["name"]]:
                         cells.append("-")
                         continue
                     itl = (serverlib.itl_p99(s, r["name"], c)
                            / serverlib.itl_p99(s, dense["name"], c))
                     cells.append(f"{serverlib.server_paired(s, r['name'], dense['name'], c):.2f}x"
                                  f" / {itl:.2f}")
-                cpu = m["device"].split(",")[0].removeprefix("CPU: ")
-                rows.append(f"| {cpu}, {m['date']} | {m['model']} | {r['name']} | "
-                            f"{dtype} | {'compiled' if m['compile'] else 'eager'} | "
-                            + " | ".join(cells) + " |")
-    return "\n".join([
-        "| CPU, date | model | variant | dtype | vLLM | c=1 | c=16 | c=64 | prefill | server 16 | "
-        "server 64 |", "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""])
+                srows.append(head + " | ".join(cells) + " |")
+    head = "| CPU, date | model | variant | dtype | vLLM | "
+    out = [head + "c=1 | c=16 | c=64 | prefill |", "|---|---|---|---|---|---|---|---|---|", *rows]
+    if srows:
+        out += ["", head + "server, 16 clients | server, 64 clients |",
+                "|---|---|---|---|---|---|---|", *srows]
+    return "\n".join(out + [""])
 
 
 def render(path: str) -> str:
