@@ -52,3 +52,16 @@ def test_registers_when_transformers_loads_its_quantizers():
                       "assert q.__spec__.loader is q.__loader__\n"
                       "assert not [f for f in sys.meta_path if 'pgsvd' in type(f).__module__]\n")
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_loading_the_registry_through_pgsvd_is_quiet():
+    """The registry's torchao quantizer imports torchao where it is installed (its "Failed to
+    load" CUDA libraries, torch's enum notes): quiet while pgsvd's hook runs that import, as in
+    ``make demo``'s load_factored; the loggers keep their levels afterwards."""
+    proc = _run("-c", "import logging, pgsvd_rt\n"
+                      "import transformers.quantizers.auto\n"
+                      "for n in ('torchao', 'torch.utils._pytree'):\n"
+                      "    assert logging.getLogger(n).level == logging.NOTSET, n\n")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    noisy = [line for line in proc.stderr.splitlines() if any(n in line for n in NOISE)]
+    assert not noisy, "stderr lines a user cannot act on:\n" + "\n".join(noisy)

@@ -21,6 +21,7 @@ it builds any model, so :func:`register_on_import` registers at that moment: ``i
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import logging
@@ -121,6 +122,26 @@ def register() -> bool:
     return True
 
 
+#: Loggers that speak while transformers' registry imports its torchao quantizer (torchao itself,
+#: where installed): "Failed to load" for its CUDA libraries on a CPU machine, and torch's
+#: deprecation notes on how torchao registers its enums. Nothing a user can act on; quiet during
+#: that import only (errors still pass).
+_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]):
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds ``transformers.quantizers`` as the path finder does and runs :func:`register` right
     after the package has executed; then leaves ``sys.meta_path`` and the module as they were."""
@@ -145,7 +166,8 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__spec__.loader = inner  # the module keeps transformers' own loader
         if self in sys.meta_path:
             sys.meta_path.remove(self)
-        inner.exec_module(module)
+        with _quiet(_IMPORT_NOISE):
+            inner.exec_module(module)
         try:
             register()
         except Exception as exc:  # noqa: BLE001 - never break transformers' own import
