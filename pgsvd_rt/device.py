@@ -28,7 +28,8 @@ def _simd_level() -> str | None:
     EPYC" is Zen 3 with AVX2 or Zen 4 with AVX512-BF16), and the kernels that run do too."""
     flags = cpu_flags()
     for level, need in (("AVX512-BF16", {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}),
-                        ("AVX-512", {"avx512f", "avx512bw", "avx512vl"}), ("AVX2", {"avx2", "fma"})):
+                        ("AVX-512", {"avx512f", "avx512bw", "avx512vl"}),
+                        ("AVX2", {"avx2", "fma"})):
         if need <= flags:
             return level
     return None
