@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <iterator>
 #include <map>
 #include <mutex>
 
@@ -45,6 +46,7 @@ struct Pool {
       std::lock_guard<std::mutex> lock(mu);
       auto it = free.lower_bound(need);
       if (it != free.end() && it->first <= 2 * need) {
+        it = std::prev(free.upper_bound(it->first));  // of equal blocks, the last freed (warm)
         capacity = it->first;
         void* p = it->second;
         cached -= it->first;

@@ -32,7 +32,10 @@ def _stats():
 
 
 def test_a_freed_output_block_serves_the_next_call():
+    from pgsvd_rt.ops import _native
+
     x, u, v, p = _setup()  # y: 256 x 512 fp32 = 512 KB
+    _native.module.output_pool_clear()  # earlier tests' blocks of the same size
     y1 = ops.lowrank_matmul_packed(x, p)
     ptr = y1.data_ptr()
     del y1
@@ -40,6 +43,7 @@ def test_a_freed_output_block_serves_the_next_call():
     y2 = ops.lowrank_matmul_packed(x, p)
     after = _stats()
     assert y2.data_ptr() == ptr and after["hits"] == before["hits"] + 1, (before, after)
+    assert after["cached_bytes"] == before["cached_bytes"] - 512 * 1024
     check_lowrank(y2, x, u, v, None)
 
 
