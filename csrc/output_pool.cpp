@@ -4,16 +4,17 @@
 // call's output then page-faults (the kernel maps and zeroes each 4 KB page) while the GEMM
 // writes it. At prefill that is no small share: a 4096 x 3072 fp32 output (SmolLM2's merged
 // gate/up at 8 x 512 prompt tokens) costs 15 ms to first-touch against 1.2 ms to rewrite, next
-// to 26 ms for the factored GEMM itself (AMD EPYC Zen 4, 2 threads). Dense layers pay it too in
-// eager mode, but compiled engines (vLLM's default) plan their own buffers and reuse them, so
-// the fault would be ours alone. Reusing blocks keeps the pages resident, as a caching
-// allocator (CUDA's, tcmalloc) does.
+// to 26 ms for the factored GEMM itself (AMD EPYC Zen 4, 2 threads). Eager engines pay it for
+// dense layers too; compiled ones (vLLM's default) give the dense layers buffers they plan, so
+// there the fault was ours alone: in vLLM's fp32 prefill of SmolLM2 dense ran at 1.13x its eager
+// rate when compiled, pgsvd-40 at 0.91x, before this pool. Reusing blocks keeps the pages
+// resident, as a caching allocator (CUDA's, tcmalloc) does.
 //
-// How. Outputs of at least kMinBytes (256 KB) take a free block of at least their size (and at most
-// twice it) or a new one; the tensor's deleter gives the block back. Free blocks are kept up to
-// a cap (PGSVD_OUTPUT_POOL_MB, default 1024; 0 turns the pool off), the rest freed. The pool is
-// never destroyed (tensors may outlive static destruction at exit). Such a tensor's storage
-// cannot be resized (from_blob): the ops' outputs never are.
+// How. Outputs of at least kMinBytes (256 KB) take a free block of at least their size (and at
+// most twice it) or a new one; the tensor's deleter gives the block back. Free blocks are kept
+// up to a cap (PGSVD_OUTPUT_POOL_MB, default 1024; 0 turns the pool off), the rest freed. The
+// pool is never destroyed (tensors may outlive static destruction at exit). Such a tensor's
+// storage cannot be resized (from_blob): the ops' outputs never are.
 
 #include <ATen/ATen.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -38,7 +39,15 @@ struct Pool {
 
   Pool() {
     const char* env = std::getenv("PGSVD_OUTPUT_POOL_MB");
-    cap = (env && *env ? std::atoll(env) : 1024) << 20;
+    int64_t mb = 1024;
+    if (env && *env) {
+      char* end = nullptr;
+      mb = std::strtoll(env, &end, 10);
+      TORCH_CHECK_VALUE(*end == '\0' && mb >= 0 && mb < (int64_t{1} << 40),
+                        "PGSVD_OUTPUT_POOL_MB must be a whole number of MB >= 0, got '", env,
+                        "'");
+    }
+    cap = mb << 20;
   }
 
   void* take(int64_t need, int64_t& capacity) {

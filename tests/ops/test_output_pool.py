@@ -78,3 +78,15 @@ def test_cap_zero_turns_the_pool_off():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_bad_cap_is_refused_naming_it():
+    x, _, _, _ = _setup()
+    code = ("import torch; from pgsvd_rt import ops\n"
+            "p = ops.pack_factors([torch.randn(512, 24)], torch.randn(96, 24))\n"
+            "ops.lowrank_matmul_packed(torch.randn(256, 96), p)\n")
+    env = dict(os.environ, PGSVD_OUTPUT_POOL_MB="lots")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "PGSVD_OUTPUT_POOL_MB" in r.stderr and "'lots'" in r.stderr, \
+        r.stderr[-2000:]
