@@ -65,28 +65,25 @@ def test_small_outputs_bypass_the_pool():
     assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
 
 
+def _with_cap(cap: str, code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (the cap is read once per process) with the pool's cap."""
+    _setup()  # skips where the kernel is missing
+    head = ("import torch; from pgsvd_rt import ops; from pgsvd_rt.ops import _native\n"
+            "p = ops.pack_factors([torch.randn(512, 24)], torch.randn(96, 24))\n"
+            "x = torch.randn(256, 96)\n")
+    return subprocess.run([sys.executable, "-c", head + code],
+                          env=dict(os.environ, PGSVD_OUTPUT_POOL_MB=cap), capture_output=True,
+                          text=True, timeout=300)
+
+
 def test_cap_zero_turns_the_pool_off():
-    code = ("import torch; from pgsvd_rt import ops; from pgsvd_rt.ops import _native\n"
-            "x = torch.randn(256, 96); p = ops.pack_factors([torch.randn(512, 24)], "
-            "torch.randn(96, 24))\n"
-            "assert p is not None\n"
-            "for _ in range(3): ops.lowrank_matmul_packed(x, p)\n"
-            "s = _native.module.output_pool_stats()\n"
-            "assert s['cap_bytes'] == 0 and s['hits'] == 0 and s['cached_bytes'] == 0, s\n")
-    x, _, _, _ = _setup()  # skips where the kernel is missing
-    env = dict(os.environ, PGSVD_OUTPUT_POOL_MB="0")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = _with_cap("0", "for _ in range(3): ops.lowrank_matmul_packed(x, p)\n"
+                       "s = _native.module.output_pool_stats()\n"
+                       "assert (s['cap_bytes'], s['hits'], s['cached_bytes']) == (0, 0, 0), s\n")
     assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_a_bad_cap_is_refused_naming_it():
-    x, _, _, _ = _setup()
-    code = ("import torch; from pgsvd_rt import ops\n"
-            "p = ops.pack_factors([torch.randn(512, 24)], torch.randn(96, 24))\n"
-            "ops.lowrank_matmul_packed(torch.randn(256, 96), p)\n")
-    env = dict(os.environ, PGSVD_OUTPUT_POOL_MB="lots")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = _with_cap("lots", "ops.lowrank_matmul_packed(x, p)\n")
     assert r.returncode != 0 and "PGSVD_OUTPUT_POOL_MB" in r.stderr and "'lots'" in r.stderr, \
         r.stderr[-2000:]
