@@ -7,8 +7,9 @@ tokens and the running sum across batches is kept in float64. Padding tokens (at
 are excluded. Only the decoder backbone runs (no lm_head, whose logits would dominate memory).
 
 The sums live on the model's device (the GPU when compressing there). Memory is bounded by
-calling this for a few blocks at a time (``compress_`` does, ``CalibConfig.blocks_per_pass``):
-only their Grams exist, and the forward stops after the last of them.
+gathering a few blocks at a time (``CalibConfig.blocks_per_pass``): only their Grams exist, the
+forward stops after the last of them and the next pass starts from the hidden state it left, so
+the dense model runs once over the calibration data whatever the number of passes.
 """
 
 from __future__ import annotations
@@ -112,6 +113,10 @@ def collect_stats(
 
         return hook
 
+    # Between passes the hidden state leaving the last block of a pass is kept (one tensor per
+    # batch, the size of the calibration activations), and the next pass starts there: blocks
+    # before it pass their input through instead of recomputing it.
+    carry: list[torch.Tensor] | None = None
     try:
         for b0, b1 in passes:
             handles = []
@@ -126,8 +131,14 @@ def collect_stats(
                     torch.zeros(M, dtype=torch.float64, device=stat_device))
                 module = model.get_submodule(s.name)
                 handles.append(module.register_forward_pre_hook(make_hook(s.input_key, M)))
+            if carry is not None:
+                handles += _resume_at(layers, b0, carry, state)
+            kept: list[torch.Tensor] = []
             if b1 < n_blocks:
-                def stop(*_):
+                def stop(_module, _args, output, kept=kept):
+                    hidden = output[0] if isinstance(output, tuple) else output
+                    kept.append(hidden.detach())
+                    state["tuple_out"] = isinstance(output, tuple)
                     raise _StopForward
                 handles.append(layers[b1 - 1].register_forward_hook(stop))
             try:
@@ -135,6 +146,7 @@ def collect_stats(
             finally:
                 for h in handles:
                     h.remove()
+            carry = kept
     finally:
         bar.close()
     for key, st in stats.items():
@@ -146,9 +158,46 @@ def collect_stats(
     return stats
 
 
+class _Restore:
+    """A handle that puts a block's own ``forward`` back (like a hook's ``remove``)."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def remove(self) -> None:
+        self.layer.__dict__.pop("forward", None)
+
+
+def _resume_at(layers, b0: int, carry: list[torch.Tensor], state: dict) -> list:
+    """Make the next forward start at block ``b0`` from the kept hidden states.
+
+    Blocks before ``b0`` return their input unchanged (in the form the block returns: a tensor
+    or a 1-tuple), and a pre-hook on block ``b0`` swaps in the kept state of the current batch.
+    """
+    as_tuple = state.get("tuple_out", False)
+
+    def passthrough(hidden_states, *args, **kwargs):
+        return (hidden_states,) if as_tuple else hidden_states
+
+    handles = []
+    for layer in layers[:b0]:
+        layer.forward = passthrough
+        handles.append(_Restore(layer))
+
+    def swap_in(_module, args, kwargs):
+        hidden = carry[state["batch"]]
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, kwargs | {"hidden_states": hidden}
+
+    handles.append(layers[b0].register_forward_pre_hook(swap_in, with_kwargs=True))
+    return handles
+
+
 @torch.no_grad()
 def _run_backbone(model, input_ids, attention_mask, batch_size, device, state, bar) -> None:
-    for i in range(0, input_ids.shape[0], batch_size):
+    for n, i in enumerate(range(0, input_ids.shape[0], batch_size)):
+        state["batch"] = n
         ids = input_ids[i : i + batch_size].to(device)
         mask = None if attention_mask is None else attention_mask[i : i + batch_size].to(device)
         state["mask"] = None if mask is None else mask.reshape(-1).bool()

@@ -63,6 +63,25 @@ def test_blocks_per_pass_gives_same_grams(llama):
         assert torch.equal(full[key].gram, parts[key].gram)
 
 
+def test_passes_run_each_block_once(llama):
+    """Pass by pass, a block computes once per batch: later passes start from the hidden state
+    the previous pass left, not from the embedding (and every block gets its own forward back)."""
+    layers = llama.model.layers
+    assert len(layers) >= 2
+    specs = linear_specs(llama)  # (its probe forward runs before counting)
+    calls = [0] * len(layers)
+    handles = [layer.mlp.register_forward_hook(
+        lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, layer in enumerate(layers)]
+    try:
+        collect_stats(llama, specs, random_ids(3, 16), batch_size=2,
+                      blocks_per_pass=1, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [2] * len(layers)
+    assert all("forward" not in layer.__dict__ for layer in layers)
+
+
 def test_empty_calibration_input(llama):
     with pytest.raises(ValueError, match="non-empty"):
         collect_stats(llama, linear_specs(llama), torch.zeros(0, 8, dtype=torch.long))
