@@ -84,7 +84,8 @@ def _cmd_reproduce(args) -> dict:
                        tasks=tuple(t for t in args.tasks.split(",") if t),
                        task_limit=args.limit or None, text_file=args.text_file,
                        windows=args.windows, seq_len=args.seq_len, calib=calib,
-                       progress=not args.json)
+                       progress=not args.json, long_windows=args.windows_2048,
+                       work_dir=args.work_dir)
     return {"files": result["files"], "wall_s": result["wall_s"],
             "rows": [{k: r.get(k) for k in ("method", "target_ratio", "achieved_ratio", "ppl")}
                      | {"avg_acc": r.get("zeroshot", {}).get("average_acc")}
@@ -266,8 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seq-len", type=_int_at_least(2), default=512)
     r.add_argument("--calib-samples", type=POSITIVE, default=64)
     r.add_argument("--blocks-per-pass", type=POSITIVE, default=None,
-                   help="hold the Grams of this many decoder blocks at once (each compression "
-                        "then calibrates pass by pass: same statistics, less memory)")
+                   help="hold the Grams of this many decoder blocks in memory at once (one "
+                        "calibration, kept on disk and read a group at a time: same statistics, "
+                        "less memory)")
+    r.add_argument("--windows-2048", type=_int_at_least(0), default=0,
+                   help="also score this many 2048-token windows (the published protocol)")
+    r.add_argument("--work-dir", default=None,
+                   help="keep the calibration and finished rows here; the same command again "
+                        "resumes where it stopped")
 
     i = sub.add_parser("info", help="ranks and ratio of a factored checkpoint")
     i.add_argument("dir")

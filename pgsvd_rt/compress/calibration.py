@@ -15,6 +15,7 @@ the dense model runs once over the calibration data whatever the number of passe
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,8 @@ def collect_stats(
         input_ids: (S, L) int64 calibration sequences.
         attention_mask: (S, L) 0/1, or None (no padding).
         batch_size: sequences per forward.
-        blocks_per_pass: decoder blocks whose Grams are held at once (None: all).
+        blocks_per_pass: decoder blocks hooked per forward pass (None: all at once); every
+            Gram is returned either way (:func:`iter_stats` hands them over pass by pass).
         stat_device: where the float64 sums live (default: the model's device).
 
     Only the blocks of ``specs`` are hooked, and the forward stops after the last of them.
@@ -78,6 +80,28 @@ def collect_stats(
     Raises:
         ValueError: empty calibration input, a bad mask, or NaN/Inf activations.
     """
+    stats: dict[str, InputStats] = {}
+    for _, group in iter_stats(model, specs, input_ids, attention_mask, batch_size,
+                               blocks_per_pass, progress, stat_device):
+        stats |= group
+    return stats
+
+
+def iter_stats(
+    model: nn.Module,
+    specs: list[LinearSpec],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    batch_size: int = 4,
+    blocks_per_pass: int | None = None,
+    progress: bool = True,
+    stat_device: torch.device | str | None = None,
+) -> Iterator[tuple[tuple[int, int], dict[str, InputStats]]]:
+    """:func:`collect_stats` pass by pass: yields ``((b0, b1), stats of blocks b0..b1-1)``.
+
+    Only one pass's Grams exist at a time if the caller drops each group before asking for the
+    next. Arguments and errors as :func:`collect_stats`.
+    """
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError(f"calibration input_ids must be (S, L) and non-empty, got "
                          f"{tuple(input_ids.shape)}")
@@ -85,7 +109,7 @@ def collect_stats(
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != input_ids "
                          f"{tuple(input_ids.shape)}")
     if not specs:
-        return {}
+        return
     layers = decoder_layers(model)
     n_blocks = len(layers)
     first = min(s.block for s in specs)
@@ -94,43 +118,28 @@ def collect_stats(
     passes = [(b, min(b + step, last)) for b in range(first, last, step)]
     device = next(model.parameters()).device
     stat_device = device if stat_device is None else stat_device
-    stats: dict[str, InputStats] = {}
     n_batches = (input_ids.shape[0] + batch_size - 1) // batch_size
     bar = tqdm(total=n_batches * len(passes), desc="calibration", disable=not progress,
                unit="batch")
-    state: dict[str, torch.Tensor | None] = {"mask": None}
-
-    def make_hook(key: str, width: int):
-        def hook(_module, args):
-            x = args[0].reshape(-1, width)
-            if state["mask"] is not None:
-                x = x[state["mask"]]
-            x = x.float()
-            st = stats[key]
-            st.gram += (x.t() @ x).to(device=stat_device, dtype=torch.float64)
-            st.abs_sum += x.abs().sum(0).to(device=stat_device, dtype=torch.float64)
-            st.tokens += x.shape[0]
-
-        return hook
-
+    state: dict = {"mask": None}
     # Between passes the hidden state leaving the last block of a pass is kept (one tensor per
     # batch, the size of the calibration activations), and the next pass starts there: blocks
     # before it pass their input through instead of recomputing it.
     carry: list[torch.Tensor] | None = None
     try:
         for b0, b1 in passes:
+            stats: dict[str, InputStats] = {}
             handles = []
-            seen = set()
             for s in specs:
-                if not b0 <= s.block < b1 or s.input_key in seen:
+                if not b0 <= s.block < b1 or s.input_key in stats:
                     continue
-                seen.add(s.input_key)
                 M = s.in_features
                 stats[s.input_key] = InputStats(
                     torch.zeros(M, M, dtype=torch.float64, device=stat_device),
                     torch.zeros(M, dtype=torch.float64, device=stat_device))
                 module = model.get_submodule(s.name)
-                handles.append(module.register_forward_pre_hook(make_hook(s.input_key, M)))
+                handles.append(module.register_forward_pre_hook(
+                    _accumulate(stats[s.input_key], M, state, stat_device)))
             if carry is not None:
                 handles += _resume_at(layers, b0, carry, state)
             kept: list[torch.Tensor] = []
@@ -147,15 +156,33 @@ def collect_stats(
                 for h in handles:
                     h.remove()
             carry = kept
+            _check_finite(stats)
+            yield (b0, b1), stats
     finally:
         bar.close()
+
+
+def _accumulate(st: InputStats, width: int, state: dict, stat_device):
+    """A forward pre-hook adding the (unpadded) input rows of its linear to ``st``."""
+    def hook(_module, args):
+        x = args[0].reshape(-1, width)
+        if state["mask"] is not None:
+            x = x[state["mask"]]
+        x = x.float()
+        st.gram += (x.t() @ x).to(device=stat_device, dtype=torch.float64)
+        st.abs_sum += x.abs().sum(0).to(device=stat_device, dtype=torch.float64)
+        st.tokens += x.shape[0]
+
+    return hook
+
+
+def _check_finite(stats: dict[str, InputStats]) -> None:
     for key, st in stats.items():
         if st.tokens == 0:
             raise ValueError("calibration saw no tokens (all padding?)")
         if not torch.isfinite(st.gram).all():
             raise ValueError(f"calibration Gram of input {key!r} has NaN/Inf: the model's "
                              "activations overflow or its weights are not finite")
-    return stats
 
 
 class _Restore:

@@ -15,7 +15,7 @@ from pgsvd_rt import data
 from pgsvd_rt.arch import LinearSpec, linear_specs
 from pgsvd_rt.compress import ranks as rk
 from pgsvd_rt.compress import solvers
-from pgsvd_rt.compress.calibration import InputStats, collect_stats
+from pgsvd_rt.compress.calibration import InputStats, collect_stats, iter_stats
 from pgsvd_rt.compress.quantize import quantize_factors
 from pgsvd_rt.config import CalibConfig, CompressConfig
 from pgsvd_rt.device import resolve_device
@@ -172,6 +172,28 @@ def _passes(specs: list[LinearSpec], blocks_per_pass: int | None) -> list[list[i
             for b in range(0, len(blocks), step)]
 
 
+def _groups(model, specs, stats, ids, config, progress):
+    """Yield ``(spec indices, their inputs' stats)`` a ``config.calib.blocks_per_pass`` group of
+    blocks at a time: gathered from ``ids`` on the dense model (one forward in all), or read
+    from ``stats`` (a dict, or a :class:`~pgsvd_rt.compress.stats_store.StatsStore` that loads
+    each group from disk); checked before any layer of the group is solved."""
+    bpp = config.calib.blocks_per_pass
+    if ids is not None:
+        for (b0, b1), group in iter_stats(model, specs, ids, batch_size=config.calib.batch_size,
+                                          blocks_per_pass=bpp, progress=progress):
+            idx = [i for i, s in enumerate(specs) if b0 <= s.block < b1]
+            _check_stats([specs[i] for i in idx], group)
+            yield idx, group
+        return
+    for idx in _passes(specs, bpp):
+        group = None
+        if stats is not None:
+            keys = dict.fromkeys(specs[i].input_key for i in idx)
+            group = {k: stats[k] for k in keys if k in stats}
+            _check_stats([specs[i] for i in idx], group)
+        yield idx, group
+
+
 def _solve(config, specs, jobs, weights, grams, stats, progress) -> dict[int, tuple]:
     """index -> (A, B, whitening fell back) for every (index, rank) job."""
     if config.method in ("svd-als", "pgsvd"):
@@ -255,8 +277,6 @@ def compress_(
             raise ValueError(f"method {config.method!r} needs calibration: pass tokenizer, "
                              "calib_ids or stats")
         ids, calibration = calibration_tokens(tokenizer, config.calib)
-    if needs_grams and stats is not None:
-        _check_stats(specs, stats)
     home = next(model.parameters()).device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -272,14 +292,15 @@ def compress_(
     t_ranks = time.perf_counter()
 
     results, replacements, t_calib, t_solve = [], {}, 0.0, 0.0
-    for idx in _passes(specs, config.calib.blocks_per_pass if ids is not None else None):
+    if isinstance(stats, dict):  # in memory: checked before hours of work (a store: per group)
+        _check_stats(specs, stats)
+    groups = _groups(model, specs, stats, ids, config, progress)
+    while True:
         tc = time.perf_counter()
-        group = stats
-        if ids is not None:
-            group = collect_stats(model, [specs[i] for i in idx], ids,
-                                  batch_size=config.calib.batch_size, progress=progress)
-            _check_stats([specs[i] for i in idx], group)
+        idx, group = next(groups, (None, None))
         t_calib += time.perf_counter() - tc
+        if idx is None:
+            break
         ts = time.perf_counter()
         weights = {i: weight64(i) for i in idx}
         grams = ({i: group[specs[i].input_key].gram.to(dev) for i in idx} if needs_grams

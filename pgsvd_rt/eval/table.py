@@ -8,21 +8,29 @@ SVD-LLM row at the same ratio has the same (uniform) ranks, so its objectives ar
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import shlex
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from pgsvd_rt import data
 from pgsvd_rt.compress import calibrate, compress_
+from pgsvd_rt.compress.pipeline import calibration_tokens
+from pgsvd_rt.compress.stats_store import calibrate_to_disk, check_same, write_json
 from pgsvd_rt.config import CalibConfig, CompressConfig
 from pgsvd_rt.eval.perplexity import perplexity
 from pgsvd_rt.eval.zeroshot import evaluate_tasks
 
 log = logging.getLogger("pgsvd_rt")
+
+#: Window length of the long perplexity protocol (the published tables: 2048 tokens).
+LONG_SEQ_LEN = 2048
 
 
 def _objective_ratios(layers, reference: dict[str, float]) -> dict:
@@ -47,6 +55,9 @@ def quality_table(
     tasks: list[str] | None = None,
     task_limit: int | None = None,
     task_batch_size: int = 16,
+    long_windows: int = 0,
+    long_seq_len: int = LONG_SEQ_LEN,
+    work_dir=None,
 ) -> dict:
     """Compress copies of ``dense`` with every method at every ratio and score them.
 
@@ -58,23 +69,65 @@ def quality_table(
         tasks: zero-shot tasks scored on every row (None: perplexity only); each row then has
             ``"zeroshot"`` (:func:`pgsvd_rt.eval.zeroshot.evaluate_tasks`'s result).
         task_limit: first N documents of each task (None: all).
+        long_windows: also score this many windows of ``long_seq_len`` tokens per text (the
+            published tables' protocol: 2048), as ``"<text>@<long_seq_len>"``.
+        work_dir: keep the calibration statistics (on disk) and every finished row here; the
+            same call again resumes, skipping finished rows (other settings are refused).
+            Without it, ``calib.blocks_per_pass`` puts the statistics in a temporary directory.
 
     Returns:
         {"calibration", "rows": [...]} with one dense row and one row per (method, ratio).
     """
+    args = (dense, tokenizer, texts, methods, ratios, calib, windows, seq_len, progress, tasks,
+            task_limit, task_batch_size, (long_windows, long_seq_len))
+    if work_dir is not None or calib.blocks_per_pass is None:
+        return _table(*args, None if work_dir is None else Path(work_dir))
+    with tempfile.TemporaryDirectory(prefix="pgsvd-table-") as tmp:
+        return _table(*args, Path(tmp))
+
+
+def _fingerprint(model: nn.Module) -> dict:
+    """What identifies the dense model a stored calibration was made from."""
+    with torch.no_grad():
+        total = sum(float(p.double().sum()) for p in model.parameters())
+    return {"parameters": sum(p.numel() for p in model.parameters()), "checksum": total}
+
+
+def _table(dense, tokenizer, texts, methods, ratios, calib, windows, seq_len, progress, tasks,
+           task_limit, task_batch_size, long, work_dir):
+    long_windows, long_seq_len = long
     t0 = time.perf_counter()
-    # One calibration shared by every method holds every block's Grams at once; with
-    # calib.blocks_per_pass each compression gathers them a few blocks at a time instead (the
-    # same data and the same dense model: the same statistics, at a fraction of the memory).
-    shared = calib.blocks_per_pass is None
-    stats, provenance = calibrate(dense, tokenizer, calib, progress) if shared else (None, None)
-    calib_s = time.perf_counter() - t0
+    model_id = _fingerprint(dense)
+    if work_dir is None:  # every Gram in memory, shared by every method
+        stats, provenance = calibrate(dense, tokenizer, calib, progress)
+        calib_s = time.perf_counter() - t0
+    else:  # on disk, read a group of blocks at a time
+        ids, provenance = calibration_tokens(tokenizer, calib)
+        record = provenance | {"batch_size": calib.batch_size, "model": model_id}
+        stats = calibrate_to_disk(dense, ids, record, work_dir / "grams", calib.batch_size,
+                                  calib.blocks_per_pass, progress)
+        calib_s = stats.wall_s
+    settings = {"calibration": provenance, "windows": windows, "seq_len": seq_len,
+                "long": [long_windows, long_seq_len], "texts": list(texts),
+                "tasks": list(tasks or []), "task_limit": task_limit, "model": model_id}
+    rows_file = None if work_dir is None else work_dir / "rows.json"
+    done: dict = {}
+    if rows_file is not None and rows_file.is_file():
+        saved = json.loads(rows_file.read_text())
+        check_same(saved["settings"], settings, str(rows_file))
+        done = {(r["method"], r.get("target_ratio")): r for r in saved["rows"]}
+        log.info("%d finished rows reused from %s", len(done), rows_file)
 
     bos = data.bos_id(tokenizer)
 
     def score(model):
-        return {name: perplexity(model, ids, seq_len, windows, bos_id=bos)["ppl"]
-                for name, ids in texts.items()}
+        ppl = {name: perplexity(model, ids, seq_len, windows, bos_id=bos)["ppl"]
+               for name, ids in texts.items()}
+        if long_windows:
+            ppl |= {f"{name}@{long_seq_len}":
+                    perplexity(model, ids, long_seq_len, long_windows, bos_id=bos)["ppl"]
+                    for name, ids in texts.items()}
+        return ppl
 
     def zeroshot(model) -> dict:
         if not tasks:
@@ -83,10 +136,21 @@ def quality_table(
                              batch_size=task_batch_size, progress=progress)
         return {"zeroshot": res}
 
-    rows = [{"method": "dense", "ppl": score(dense)} | zeroshot(dense)]
+    rows: list[dict] = []
+
+    def finish(row: dict) -> None:
+        rows.append(row)
+        if rows_file is not None:
+            write_json(rows_file, {"settings": settings, "rows": rows})
+
+    finish(done.get(("dense", None)) or {"method": "dense", "ppl": score(dense)} | zeroshot(dense))
     for ratio in ratios:
-        closed_form: dict[str, float] = {}
         for method in methods:
+            if (method, ratio) in done:
+                finish(done[method, ratio])
+                log.info("%s @ %.0f%%: finished before, %s", method, 100 * ratio,
+                         done[method, ratio]["ppl"])
+                continue
             model = copy.deepcopy(dense)
             config = CompressConfig(method=method, ratio=ratio, calib=calib)
             t = time.perf_counter()
@@ -95,23 +159,27 @@ def quality_table(
                                progress=progress)
             compress_s = time.perf_counter() - t + calib_s * config.needs_grams
             row = report.summary() | {"compress_s_incl_calibration": compress_s,
+                                      "peak_rss_bytes": report.timings.get("peak_rss_bytes"),
                                       "ppl": score(model)} | zeroshot(model)
-            provenance = provenance or row["calibration"]
             del row["calibration"]
             if method == "svd-llm":
-                closed_form = {x.name: x.objective for x in report.layers}
+                row["objectives"] = {x.name: x.objective for x in report.layers}
             elif method == "svd-als":
+                closed_form = next((r["objectives"] for r in rows if r["method"] == "svd-llm"
+                                    and r["target_ratio"] == ratio), {})
                 row["als_vs_closed_form"] = _objective_ratios(report.layers, closed_form)
             elif method == "pgsvd":
                 row["als_vs_closed_form"] = _objective_ratios(
                     report.layers, {x.name: x.closed_form_objective for x in report.layers})
-            rows.append(row)
+            finish(row)
             log.info("%s @ %.0f%%: %s", method, 100 * ratio, row["ppl"])
             del model
-    return {"calibration": (provenance or {}) | {"wall_s": calib_s,
-                                                 "blocks_per_pass": calib.blocks_per_pass},
-            "windows": windows,
-            "seq_len": seq_len, "bos": bos is not None, "rows": rows,
+    return {"calibration": provenance | {"wall_s": calib_s,
+                                         "blocks_per_pass": calib.blocks_per_pass},
+            "windows": windows, "seq_len": seq_len, "long_windows": long_windows,
+            "long_seq_len": long_seq_len,
+            "bos": bos is not None, "rows": rows,
+            "resumed_rows": sum(r in done.values() for r in rows),
             "tasks": list(tasks or []), "task_limit": task_limit}
 
 
@@ -195,6 +263,8 @@ def reproduce(
     progress: bool = True,
     heldout: bool = False,
     name: str = "reproduce",
+    long_windows: int = 0,
+    work_dir=None,
 ) -> dict:
     """The paper's Table 1 shape: perplexity + average zero-shot accuracy for every method × ratio.
 
@@ -202,10 +272,10 @@ def reproduce(
     ``-ppl.png``; returns the result. Perplexity: WikiText-2 when ``text_file`` exists, else the
     held-out wiki slice; ``heldout`` adds the held-out slice as a second column. ``tasks=()``
     scores no zero-shot task (None: :data:`pgsvd_rt.eval.zeroshot.DEFAULT_TASKS`).
+    ``long_windows`` and ``work_dir`` (resume a long run): see :func:`quality_table`.
     """
     import datetime
-    import json
-    from pathlib import Path
+    import resource
 
     from pgsvd_rt import models
     from pgsvd_rt.device import device_name
@@ -225,27 +295,34 @@ def reproduce(
     corpus = next(iter(texts))
     result = quality_table(dense, tok, texts, list(methods), list(ratios), calib,
                            windows=windows, seq_len=seq_len, progress=progress,
-                           tasks=list(tasks), task_limit=task_limit)
+                           tasks=list(tasks), task_limit=task_limit,
+                           long_windows=long_windows, work_dir=work_dir)
     date = datetime.date.today().isoformat()
     prog = Path(sys.argv[0]).name
     command = shlex.join(["pgsvd" if prog in ("cli.py", "pgsvd") else prog, *sys.argv[1:]])
     result |= {"model": source.describe(), "device": device_name("cpu"),
-               "date": date, "wall_s": time.perf_counter() - t0, "command": command}
+               "date": date, "wall_s": time.perf_counter() - t0, "command": command,
+               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"cpu-{date}-{name}-{model.replace('/', '_')}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     plotted = plot_perplexity(result, out / f"{stem}-ppl.png", corpus)
+    resumed = (" (this run; finished rows were reused from an earlier one, each row keeps "
+               "its own compress time)" if result.get("resumed_rows") else "")
     limit_txt = "all" if task_limit is None else f"the first {task_limit}"
     zs_txt = (f"; zero-shot acc (%) on {limit_txt} documents of {', '.join(tasks)} (lm-eval "
               "prompts and scoring, `pgsvd_rt.eval.zeroshot`)") if tasks else ""
     md = (f"# Accuracy table, {result['model']}\n\n{result['device']}, {date}. Calibration "
           f"{calib.samples} x {calib.seq_len} wiki-offline tokens; perplexity "
           f"({', '.join(texts)}) over {windows} x {seq_len}-token windows"
-          f"{' (each starting with BOS)' if result['bos'] else ''}{zs_txt}.\n\n"
+          + (f" and {long_windows} x {LONG_SEQ_LEN} (columns @{LONG_SEQ_LEN})"
+             if long_windows else "")
+          + f"{' (each starting with BOS)' if result['bos'] else ''}{zs_txt}.\n\n"
           + render_markdown(result)
           + (f"\n![perplexity vs compression]({stem}-ppl.png)\n" if plotted else "")
-          + f"\nTotal wall time {result['wall_s']:.0f} s. Command: `{command}`\n")
+          + f"\nTotal wall time {result['wall_s']:.0f} s{resumed}, peak RSS "
+            f"{result['peak_rss_bytes'] / 2**30:.1f} GiB. Command: `{command}`\n")
     (out / f"{stem}.md").write_text(md)
     result["files"] = [str(out / f"{stem}.{ext}") for ext in ("json", "md")]
     return result

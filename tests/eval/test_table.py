@@ -79,3 +79,45 @@ def test_blocks_per_pass_gives_the_table_of_one_shared_calibration(tiny_model_di
         assert a["method"] == b["method"]
         assert b["ppl"]["wikitext2"] == pytest.approx(a["ppl"]["wikitext2"], rel=1e-5)
         assert b.get("eps") == pytest.approx(a.get("eps"))
+
+
+def test_work_dir_resumes_a_table_and_refuses_other_settings(tiny_model_dir, text_file, tmp_path,
+                                                             monkeypatch):
+    """`reproduce --work-dir`: the calibration and each finished row are kept; the same command
+    again reuses them (no compression runs), other settings are refused, naming the difference."""
+    import pgsvd_rt.eval.table as table
+
+    kw = dict(model=str(tiny_model_dir), methods=("svd-llm", "pgsvd"), ratios=(0.3,), tasks=(),
+              text_file=str(text_file), windows=2, seq_len=32, progress=False,
+              work_dir=tmp_path / "work")
+    first = reproduce(tmp_path / "a", calib=CalibConfig(samples=4, seq_len=32,
+                                                        blocks_per_pass=1), name="a", **kw)
+    assert first["resumed_rows"] == 0 and (tmp_path / "work" / "grams" / "index.json").is_file()
+
+    def no_compression(*a, **k):
+        raise AssertionError("a finished row was computed again")
+    monkeypatch.setattr(table, "compress_", no_compression)
+    again = reproduce(tmp_path / "b", calib=CalibConfig(samples=4, seq_len=32,
+                                                        blocks_per_pass=1), name="b", **kw)
+    assert again["resumed_rows"] == 3
+    assert [r["ppl"] for r in again["rows"]] == [r["ppl"] for r in first["rows"]]
+    assert "finished rows were reused" in next((tmp_path / "b").glob("*.md")).read_text()
+    with pytest.raises(ValueError, match=r"differs in \['windows'\]"):
+        reproduce(tmp_path / "c", calib=CalibConfig(samples=4, seq_len=32, blocks_per_pass=1),
+                  name="c", **(kw | {"windows": 3}))
+
+
+def test_long_windows_add_a_column_per_text(tiny_model_dir, text_file):
+    from pgsvd_rt import data, models
+    from pgsvd_rt.eval.perplexity import perplexity
+    from pgsvd_rt.eval.table import quality_table
+
+    dense, tok, _ = models.load(str(tiny_model_dir))
+    ids = data.eval_ids(tok, str(text_file))[0]
+    res = quality_table(dense, tok, {"wt": ids}, ["svd-llm"], [0.3],
+                        CalibConfig(samples=4, seq_len=32), windows=2, seq_len=32,
+                        progress=False, long_windows=2, long_seq_len=64)
+    assert all(list(r["ppl"]) == ["wt", "wt@64"] for r in res["rows"])
+    want = perplexity(dense, ids, 64, 2, bos_id=data.bos_id(tok))["ppl"]
+    assert res["rows"][0]["ppl"]["wt@64"] == pytest.approx(want)
+    assert "ppl wt@64" in render_markdown(res)
