@@ -25,6 +25,11 @@ differ by the number of weights, which sets both the bytes read (decode) and the
   which bf16 needs AVX-512 for, else torch's linear). Reports before 2026-12-04 called it
   ``dense-onednn`` (oneDNN on an AVX512-BF16 CPU).
 
+``--isa avx2`` measures an AVX2-only CPU (AMD Zen 2/3) on an AVX-512 one: our kernels' AVX2
+sets forced (``decode_force_avx2``), oneDNN and MKL capped at AVX2 (``ONEDNN_MAX_CPU_ISA``,
+``MKL_ENABLE_INSTRUCTIONS``: the script restarts itself with them set), the file named
+``...-as-avx2``.
+
 Per layer kind (qkv, o, gate/up, down): median ms per step, bytes per step and GB/s; for the
 whole step the time ratio of each dense provider to ``op`` beside the bytes ratio (the ideal), and
 the fraction of it reached. Runs inside a decode step of vLLM add the engine's own work around
@@ -118,9 +123,17 @@ def providers(layers: list[dict]) -> dict:
     return out
 
 
+#: What ``--isa avx2`` sets before torch loads oneDNN and MKL.
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
 def run(a) -> dict:
     torch.manual_seed(0)
     dtype = DTYPES[a.dtype]
+    if a.isa == "avx2":
+        from pgsvd_rt.ops import _native
+
+        _native.module.decode_force_avx2(True)  # before packing: the AVX2 layouts
     layers = step_layers(a.ckpt, dtype)
     provs = providers(layers)
     flush = torch.empty(64 * 2**20 // 4)
@@ -128,7 +141,9 @@ def run(a) -> dict:
     res = {"meta": {"device": benchlib.device_name("cpu"), "date": benchlib.today(),
                     "ckpt": os.path.basename(os.path.normpath(a.ckpt)), "dtype": a.dtype,
                     "threads": torch.get_num_threads(), "rounds": a.rounds, "layers": len(layers),
-                    "native": ops.native_available(), **benchlib.versions()},
+                    "native": ops.native_available(), "isa": a.isa,
+                    **({"isa_env": AVX2_ENV} if a.isa == "avx2" else {}),
+                    **benchlib.versions()},
            "bytes": {k: {"op": sum(ly["factor_bytes"] for ly in layers if ly["kind"] == k),
                          "dense": sum(ly["dense_bytes"] for ly in layers if ly["kind"] == k)}
                      for k in kinds},
@@ -157,7 +172,10 @@ def run(a) -> dict:
 def render(res: dict) -> str:
     m = res["meta"]
     lines = [f"# Linear layers of one decode step: {m['ckpt']}, {m['dtype']} ({m['date']})", "",
-             f"- {m['device']}, torch {m['torch']}, {m['threads']} threads, CPU numbers; "
+             f"- {m['device']}"
+             + (" as an AVX2-only CPU (our AVX2 kernels forced; oneDNN and MKL capped at AVX2)"
+                if m.get("isa") == "avx2" else "")
+             + f", torch {m['torch']}, {m['threads']} threads, CPU numbers; "
              f"{m['layers']} calls per step (q/k/v and gate/up merged as vLLM merges them), "
              f"weights cold, providers interleaved, median of {m['rounds']} rounds",
              "- ideal = dense bytes / factored bytes; frac ideal = (dense ms / op ms) / ideal", ""]
@@ -200,16 +218,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=None, help="write JSON + markdown here")
+    p.add_argument("--isa", choices=["auto", "avx2"], default="auto",
+                   help="avx2: measure as an AVX2-only CPU would run (module docstring)")
     a = p.parse_args(argv)
     if a.rounds <= a.warmup:
         p.error(f"--rounds must exceed --warmup ({a.warmup}), got {a.rounds}")
+    if a.isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
+        if argv is not None:
+            p.error("--isa avx2 from Python: set " + " ".join(f"{k}={v}" for k, v in
+                                                              AVX2_ENV.items()) + " first")
+        os.execve(sys.executable, [sys.executable, *sys.argv], os.environ | AVX2_ENV)
     res = run(a)
     md = render(res)
     print(md)
     if a.out:
         m = res["meta"]
-        stem = os.path.join(a.out, f"{benchlib.device_slug(m['device'])}-{m['date']}-layers-"
-                                   f"{m['ckpt']}-{a.dtype}")
+        slug = benchlib.device_slug(m["device"]) + ("-as-avx2" if a.isa == "avx2" else "")
+        stem = os.path.join(a.out, f"{slug}-{m['date']}-layers-{m['ckpt']}-{a.dtype}")
         os.makedirs(a.out, exist_ok=True)
         with open(stem + ".json", "w") as f:
             json.dump(res, f, indent=1)

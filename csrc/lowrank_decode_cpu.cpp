@@ -85,6 +85,16 @@ std::atomic<bool> g_avx2_only{false};
 }  // namespace
 
 void force_avx2(bool on) { g_avx2_only.store(on, std::memory_order_relaxed); }
+bool avx2_only() { return g_avx2_only.load(std::memory_order_relaxed); }
+
+bool has_avx2() {
+#ifdef PGSVD_BF16_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
 
 #ifdef PGSVD_BF16_X86
 
@@ -340,13 +350,6 @@ bool has_avx512f() {
                          __builtin_cpu_supports("avx512vl");
   return ok;
 }
-
-bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-
-bool avx2_only() { return g_avx2_only.load(std::memory_order_relaxed); }
 
 // Which set serves: AVX-512 where the CPU has it (bf16: AVX512-BF16), AVX2 otherwise, except bf16
 // on AVX-512 without AVX512-BF16 (the one-pass AVX-512 kernel of lowrank_matmul_cpu.cpp serves

@@ -32,8 +32,11 @@ struct Group {
 int64_t max_rows_bf16();
 int64_t max_rows_f32();
 
-// Serve with the AVX2 kernels even where AVX-512 ones exist (tests cover both on one CPU).
+// Serve with the AVX2 kernels even where AVX-512 ones exist (tests cover both on one CPU): the
+// decode kernels and the packed kernels (lowrank_packed_cpu.cpp) alike.
 void force_avx2(bool on);
+bool avx2_only();  // force_avx2(true) is in effect
+bool has_avx2();   // the CPU runs AVX2 and FMA (what the AVX2 kernel sets need)
 
 // True when the kernels of this dtype (bf16, else fp32) read v fastest as v.T, (Rt, K)
 // row-major (a (K, Rt) tensor of strides (1, K)): phase 1 then runs as dot products

@@ -52,7 +52,12 @@
 #endif
 
 #include "bf16_simd.h"
+#include "lowrank_decode_cpu.h"
 #include "output_pool.h"
+
+#ifdef PGSVD_BF16_X86
+#include "packed_avx2.h"
+#endif
 
 namespace pgsvd {
 
@@ -223,10 +228,20 @@ void panel_rows(int64_t rows, int64_t npanels, const E* a, int64_t lda, int64_t 
 }
 
 // Panels [p0, p1) of one matrix for `rows` rows: two at a time (tiles of up to 6 rows x 64
-// columns), the last one alone (up to 12 x 32) where their number is odd.
+// columns), the last one alone (up to 12 x 32) where their number is odd; with avx2 (fp32 only)
+// one at a time in the tiles of packed_avx2.h.
 template <typename E>
-void panels(int64_t p0, int64_t p1, int64_t rows, const E* a, int64_t lda, int64_t steps,
-            const E* b, int64_t psize, const E* bias, int64_t ncols, E* out, int64_t ldo) {
+void panels(bool avx2, int64_t p0, int64_t p1, int64_t rows, const E* a, int64_t lda,
+            int64_t steps, const E* b, int64_t psize, const E* bias, int64_t ncols, E* out,
+            int64_t ldo) {
+  if constexpr (std::is_same_v<E, float>) {
+    if (avx2) {
+      for (int64_t p = p0; p < p1; ++p)
+        avx2::panel_rows(rows, a, lda, steps, b + p * psize, bias ? bias + p * kPanel : nullptr,
+                         std::min(kPanel, ncols - p * kPanel), out + p * kPanel, ldo, kChunkF32);
+      return;
+    }
+  }
   for (int64_t p = p0; p < p1;) {
     const int64_t np = p + 1 < p1 ? 2 : 1;
     panel_rows<E>(rows, np, a, lda, steps, b + p * psize, psize,
@@ -239,8 +254,8 @@ void panels(int64_t p0, int64_t p1, int64_t rows, const E* a, int64_t lda, int64
 // y (M, sum N) for x (M, K) contiguous rows (ldx >= K, K even for bf16 or x readable one past
 // each row with zeros... the caller pads odd K), the packed factors w, bias_cat or null.
 template <typename E>
-void run(const E* x, int64_t ldx, int64_t M, const E* w, const Layout& L, const E* bias, E* y,
-         int64_t ldy) {
+void run(bool avx2, const E* x, int64_t ldx, int64_t M, const E* w, const Layout& L,
+         const E* bias, E* y, int64_t ldy) {
   constexpr int64_t kp = std::is_same_v<E, float> ? 1 : 2;
   const int64_t Rp = L.rp, nv = Rp / kPanel, vsize = L.steps * kPanel * kp;
   int64_t up_total = 0;
@@ -264,14 +279,14 @@ void run(const E* x, int64_t ldx, int64_t M, const E* w, const Layout& L, const 
   // Rows [m0, m0 + rows): stage 1 on V's panels [vb, ve), stage 2 on all groups' U panels
   // [ub, ue) (a barrier between them where the threads share t).
   auto stage1 = [&](int64_t m0, int64_t rows, int64_t vb, int64_t ve, E* t) {
-    panels<E>(vb, ve, rows, x + m0 * ldx, ldx, L.steps, w, vsize, nullptr, Rp, t, Rp);
+    panels<E>(avx2, vb, ve, rows, x + m0 * ldx, ldx, L.steps, w, vsize, nullptr, Rp, t, Rp);
   };
   auto stage2 = [&](int64_t m0, int64_t rows, int64_t ub, int64_t ue, const E* t) {
     int64_t base = 0;
     for (size_t g = 0; g < L.ns.size(); ++g) {
       const int64_t q0 = std::max(ub, base) - base, q1 = std::min(ue, base + L.u_panels[g]) - base;
       if (q0 < q1)
-        panels<E>(q0, q1, rows, t + L.off[g], Rp, L.u_steps[g], w + L.u_base[g],
+        panels<E>(avx2, q0, q1, rows, t + L.off[g], Rp, L.u_steps[g], w + L.u_base[g],
                   L.u_steps[g] * kPanel * kp, bias ? bias + L.n0[g] : nullptr, L.ns[g],
                   y + m0 * ldy + L.n0[g], ldy);
       base += L.u_panels[g];
@@ -314,9 +329,13 @@ void run(const E* x, int64_t ldx, int64_t M, const E* w, const Layout& L, const 
 #endif
 }
 
+// Which tiles serve: AVX-512 where the CPU has them (bf16: AVX512-BF16), else AVX2 for fp32;
+// decode::force_avx2 takes AVX2 wherever the CPU runs it (no AVX2 tiles for bf16: none then).
+bool f32_avx512() { return !decode::avx2_only() && has_avx512f(); }
+
 bool kernels_for(at::ScalarType dt) {
-  if (dt == at::kBFloat16) return cpu_ok();
-  if (dt == at::kFloat) return has_avx512f();
+  if (dt == at::kBFloat16) return !decode::avx2_only() && cpu_ok();
+  if (dt == at::kFloat) return f32_avx512() || decode::has_avx2();
   return false;
 }
 #else
@@ -368,6 +387,14 @@ void check(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef ns, at::Int
 
 bool kernels(bool bf16) { return kernels_for(bf16 ? at::kBFloat16 : at::kFloat); }
 
+std::string isa(bool bf16) {
+  if (!kernels(bf16)) return "none";
+#ifdef PGSVD_BF16_X86
+  if (!bf16 && !f32_avx512()) return "avx2";
+#endif
+  return "avx512";
+}
+
 at::Tensor lowrank_matmul_packed_cpu(const at::Tensor& x, const at::Tensor& w,
                                      at::IntArrayRef ns, at::IntArrayRef rs,
                                      const c10::optional<at::Tensor>& bias) {
@@ -398,12 +425,12 @@ at::Tensor lowrank_matmul_packed_cpu(const at::Tensor& x, const at::Tensor& w,
   }
   if (kp == 2) {
     using E = c10::BFloat16;
-    run<uint16_t>(reinterpret_cast<const uint16_t*>(x2.data_ptr<E>()), x2.stride(0), M,
+    run<uint16_t>(false, reinterpret_cast<const uint16_t*>(x2.data_ptr<E>()), x2.stride(0), M,
                   reinterpret_cast<const uint16_t*>(wc.data_ptr<E>()), L,
                   bc.defined() ? reinterpret_cast<const uint16_t*>(bc.data_ptr<E>()) : nullptr,
                   reinterpret_cast<uint16_t*>(y.data_ptr<E>()), L.n_total());
   } else {
-    run<float>(x2.data_ptr<float>(), x2.stride(0), M, wc.data_ptr<float>(), L,
+    run<float>(!f32_avx512(), x2.data_ptr<float>(), x2.stride(0), M, wc.data_ptr<float>(), L,
                bc.defined() ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>(), L.n_total());
   }
 #endif

@@ -24,6 +24,7 @@ void force_avx2(bool on);
 }  // namespace decode
 namespace packed {
 bool kernels(bool bf16);                      // lowrank_packed_cpu.cpp
+std::string isa(bool bf16);                   // lowrank_packed_cpu.cpp
 }  // namespace packed
 pybind11::dict output_pool_stats();           // output_pool.cpp
 void output_pool_clear();
@@ -73,8 +74,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "row-major");
   m.def("packed_kernels", &pgsvd::packed::kernels, pybind11::arg("bf16"),
         "whether lowrank_matmul_packed has kernels for bf16 (else fp32) on this CPU");
+  m.def("packed_isa", &pgsvd::packed::isa, pybind11::arg("bf16"),
+        "which tiles serve lowrank_matmul_packed for bf16 (else fp32): avx512, avx2 or none");
   m.def("decode_force_avx2", &pgsvd::decode::force_avx2, pybind11::arg("on"),
-        "serve the decode kernels with the AVX2 set even on an AVX-512 CPU (tests cover both)");
+        "serve the decode and packed kernels with the AVX2 set even on an AVX-512 CPU (tests "
+        "cover both)");
   m.def(
       "native_calls", [] { return pgsvd::g_native_calls.load(std::memory_order_relaxed); },
       "number of als_solve calls served by this extension (to verify dispatch)");

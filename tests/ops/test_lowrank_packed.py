@@ -3,9 +3,11 @@ kernels that read it (csrc/lowrank_packed_cpu.cpp).
 
 Each native case checks that the C++ kernel served it (its call counter) and holds every group's
 columns to the rule of tests/accuracy.py against fp64. The shapes cross every edge of the
-kernels: M = 1..7 (6-row tiles of two panels), 12-13 and 17 (12-row tiles where a panel is
-alone), 128-130 and 257 (128-row blocks); N and R around 32 (a panel, a pair), odd K (bf16's last
-pair), K = 1000 (fp32's 128-step chunks, summed in fp32), several groups sharing x.
+kernels: M = 1..7 (6-row tiles of two panels; AVX2: 3-row tiles), 12-13 and 17 (12-row tiles
+where a panel is alone), 128-130 and 257 (128-row blocks); N and R around 32 (a panel, a pair;
+AVX2: 8-column vectors, masked tails), odd K (bf16's last pair), K = 1000 (fp32's 128-step
+chunks, summed in fp32), several groups sharing x. Every native case runs on the tiles this CPU
+picks and on the AVX2 tiles forced (fp32; bf16 has none: skipped, saying so).
 """
 
 import pytest
@@ -37,11 +39,24 @@ def _check_groups(y, x, us, vs, b):
         n0 += N
 
 
-def _packed(us, vs):
+@pytest.fixture(params=["auto", "avx2"])
+def isa(request):
+    """The packed tiles this CPU picks, or the AVX2 ones forced (csrc/packed_avx2.h)."""
+    if not ops.native_available():
+        pytest.skip("pgsvd_rt._C is not built")
+    _native.module.decode_force_avx2(request.param == "avx2")
+    yield request.param
+    _native.module.decode_force_avx2(False)
+
+
+def _packed(us, vs, isa="auto"):
     p = ops.pack_factors(us, torch.cat(vs, 1))
+    bf16 = vs[0].dtype == torch.bfloat16
     if p is None:
-        pytest.skip(f"no packed CPU kernel for {vs[0].dtype} on this CPU "
+        pytest.skip(f"no packed CPU kernel for {vs[0].dtype} with the {isa} tiles on this CPU "
                     f"({_native.module.build_info()})")
+    if isa == "avx2":
+        assert _native.module.packed_isa(bf16) == "avx2"
     return p
 
 
@@ -72,9 +87,9 @@ def test_pack_unpack_round_trip(K, shapes, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 12, 13, 17, 64, 130, 257])
 @pytest.mark.parametrize("K,shapes", SHAPES)
-def test_native_matches_fp64(M, K, shapes, dtype):
+def test_native_matches_fp64(M, K, shapes, dtype, isa):
     us, vs, b = _factors(K, shapes, dtype, seed=M * 7 + K)
-    p = _packed(us, vs)
+    p = _packed(us, vs, isa)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
     before = _native.module.lowrank_calls()
     y = ops.lowrank_matmul_packed(x, p, b)
@@ -85,9 +100,9 @@ def test_native_matches_fp64(M, K, shapes, dtype):
 
 @native
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_native_strided_x_leading_dims_no_bias(dtype):
+def test_native_strided_x_leading_dims_no_bias(dtype, isa):
     us, vs, _ = _factors(300, [(41, 7), (24, 37)], dtype, seed=3)
-    p = _packed(us, vs)
+    p = _packed(us, vs, isa)
     x = torch.randn(2, 3, 2 * 300 + 1).to(dtype)[..., 1::2]  # (2, 3, 300), strides (1803, 601, 2)
     y = ops.lowrank_matmul_packed(x, p)
     assert y.shape == (2, 3, 65)
@@ -96,12 +111,12 @@ def test_native_strided_x_leading_dims_no_bias(dtype):
 
 @native
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_native_same_bits_on_any_thread_count(dtype):
+def test_native_same_bits_on_any_thread_count(dtype, isa):
     """Each output is one tile's sum in one order however the threads split the work (V's and U's
     panels at 40 rows, blocks of 128 rows at 300): a batch's result does not depend on the
     machine's core count."""
     us, vs, b = _factors(576, [(576, 173), (96, 40)], dtype, seed=5)
-    p = _packed(us, vs)
+    p = _packed(us, vs, isa)
     threads = torch.get_num_threads()
     for M in (40, 300):
         x = torch.randn(M, 576).to(dtype)
@@ -117,9 +132,9 @@ def test_native_same_bits_on_any_thread_count(dtype):
 
 @native
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_native_empty_rows(dtype):
+def test_native_empty_rows(dtype, isa):
     us, vs, b = _factors(37, [(41, 7)], dtype, seed=0)
-    p = _packed(us, vs)
+    p = _packed(us, vs, isa)
     assert ops.lowrank_matmul_packed(torch.randn(0, 37).to(dtype), p, b).shape == (0, 41)
 
 
@@ -138,9 +153,9 @@ def test_default_kernel_is_the_reference(dtype):
 
 @native
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_opcheck(dtype):
+def test_opcheck(dtype, isa):
     us, vs, b = _factors(64, [(40, 9), (33, 32)], dtype, seed=2)
-    p = _packed(us, vs)
+    p = _packed(us, vs, isa)
     for bias in (b, None):
         torch.library.opcheck(torch.ops.pgsvd.lowrank_matmul_packed.default,
                               (torch.randn(3, 64).to(dtype), p.w, list(p.ns), list(p.rs), bias))
