@@ -25,10 +25,9 @@ differ by the number of weights, which sets both the bytes read (decode) and the
   which bf16 needs AVX-512 for, else torch's linear). Reports before 2026-12-04 called it
   ``dense-onednn`` (oneDNN on an AVX512-BF16 CPU).
 
-``--isa avx2`` measures an AVX2-only CPU (AMD Zen 2/3) on an AVX-512 one: our kernels' AVX2
-sets forced (``decode_force_avx2``), oneDNN and MKL capped at AVX2 (``ONEDNN_MAX_CPU_ISA``,
-``MKL_ENABLE_INSTRUCTIONS``: the script restarts itself with them set), the file named
-``...-as-avx2``.
+``--isa avx2`` measures an AVX2-only CPU (AMD Zen 2/3) on an AVX-512 one: the script restarts
+itself with ``benchlib.AVX2_ENV`` set (our kernels' AVX2 sets forced, oneDNN and MKL capped
+at AVX2), the file named ``...-as-avx2``.
 
 Per layer kind (qkv, o, gate/up, down): median ms per step, bytes per step and GB/s; for the
 whole step the time ratio of each dense provider to ``op`` beside the bytes ratio (the ideal), and
@@ -123,17 +122,9 @@ def providers(layers: list[dict]) -> dict:
     return out
 
 
-#: What ``--isa avx2`` sets before torch loads oneDNN and MKL.
-AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-
-
 def run(a) -> dict:
     torch.manual_seed(0)
     dtype = DTYPES[a.dtype]
-    if a.isa == "avx2":
-        from pgsvd_rt.ops import _native
-
-        _native.module.decode_force_avx2(True)  # before packing: the AVX2 layouts
     layers = step_layers(a.ckpt, dtype)
     provs = providers(layers)
     flush = torch.empty(64 * 2**20 // 4)
@@ -142,7 +133,7 @@ def run(a) -> dict:
                     "ckpt": os.path.basename(os.path.normpath(a.ckpt)), "dtype": a.dtype,
                     "threads": torch.get_num_threads(), "rounds": a.rounds, "layers": len(layers),
                     "native": ops.native_available(), "isa": a.isa,
-                    **({"isa_env": AVX2_ENV} if a.isa == "avx2" else {}),
+                    **({"isa_env": benchlib.AVX2_ENV} if a.isa == "avx2" else {}),
                     **benchlib.versions()},
            "bytes": {k: {"op": sum(ly["factor_bytes"] for ly in layers if ly["kind"] == k),
                          "dense": sum(ly["dense_bytes"] for ly in layers if ly["kind"] == k)}
@@ -223,11 +214,11 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.rounds <= a.warmup:
         p.error(f"--rounds must exceed --warmup ({a.warmup}), got {a.rounds}")
-    if a.isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
+    if a.isa == "avx2" and any(os.environ.get(k) != v for k, v in benchlib.AVX2_ENV.items()):
         if argv is not None:
             p.error("--isa avx2 from Python: set " + " ".join(f"{k}={v}" for k, v in
-                                                              AVX2_ENV.items()) + " first")
-        os.execve(sys.executable, [sys.executable, *sys.argv], os.environ | AVX2_ENV)
+                                                              benchlib.AVX2_ENV.items()) + " first")
+        os.execve(sys.executable, [sys.executable, *sys.argv], os.environ | benchlib.AVX2_ENV)
     res = run(a)
     md = render(res)
     print(md)

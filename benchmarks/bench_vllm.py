@@ -216,6 +216,10 @@ def _head(load: str) -> str:
 def to_markdown(rep: dict) -> str:
     m = rep["meta"]
     lines = [f"# vLLM serving on {m['device']} ({m['date']}): {m['model']}", ""]
+    if m.get("isa") == "avx2":
+        lines += ["Run as an AVX2-only CPU (`--isa avx2`): our kernels' AVX2 sets forced, oneDNN "
+                  "and MKL capped at AVX2 (`benchlib.AVX2_ENV`); vLLM's own kernels as built.",
+                  ""]
     if m.get("note"):  # what the numbers alone do not say (the commit measured, the machine)
         lines += [m["note"], ""]
     lines += [f"vLLM {m['vllm']}, {'compiled' if m['compile'] else 'eager'}, "
@@ -273,6 +277,7 @@ def summary(paths: list[str]) -> str:
             rep = json.load(f)
         m, srv = rep["meta"], rep.get("server", {})
         cpu = m["device"].split(",")[0].removeprefix("CPU: ")
+        cpu += " as AVX2" if m.get("isa") == "avx2" else ""
         for dtype, res in rep["results"].items():
             dense = res[0]
             for r in res[1:]:
@@ -345,6 +350,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--tp-reduce", choices=["output", "rank", "both"], default="output",
                    help="the factored checkpoints' row-parallel reduction (see the header)")
+    p.add_argument("--isa", choices=["auto", "avx2"], default="auto",
+                   help="avx2: the engines run as on an AVX2-only CPU (benchlib.AVX2_ENV)")
     p.add_argument("--note", default="", help="a line for the report: what the numbers alone "
                    "do not say (the commit, the machine)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -370,6 +377,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         if not sep or not name or name == "dense" or not os.path.isdir(path):
             p.error(f"--ckpt must be NAME=DIR with an existing directory, got {item!r}")
         ckpts[name] = path
+    if a.isa == "avx2":  # the engines' processes inherit it
+        os.environ.update(benchlib.AVX2_ENV)
     import vllm
 
     device = benchlib.device_name("cuda" if _cuda() else "cpu")
@@ -378,11 +387,12 @@ def main(argv: list[str] | None = None) -> dict | None:
                     "checkpoints": ckpts, "vllm": vllm.__version__, "compile": a.compile,
                     "prompt": a.prompt, "new_tokens": a.new_tokens, "rounds": a.rounds,
                     "concurrency": a.concurrency, "loads": loads, "tp": a.tp,
-                    "tp_reduce": a.tp_reduce, "note": a.note,
+                    "tp_reduce": a.tp_reduce, "note": a.note, "isa": a.isa,
                     "server_clients": a.server_clients if a.server else None,
                     **benchlib.versions()}, "results": {}, "server": {}}
-    stem = os.path.join(a.out, f"{benchlib.device_slug(device)}-{benchlib.today()}-vllm-"
-                               f"{a.model}" + (f"-tp{a.tp}" if a.tp > 1 else ""))
+    slug = benchlib.device_slug(device) + ("-as-avx2" if a.isa == "avx2" else "")
+    stem = os.path.join(a.out, f"{slug}-{benchlib.today()}-vllm-{a.model}"
+                               + (f"-tp{a.tp}" if a.tp > 1 else ""))
     os.makedirs(a.out, exist_ok=True)
     # name -> (directory, reduction of the factored row-parallel layers)
     reduce = "rank" if a.tp_reduce == "rank" else "output"

@@ -137,6 +137,13 @@ def matmul_tflops(device: str, dtype: torch.dtype, n: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------ naming
+#: The environment of ``--isa avx2`` (bench_layers, bench_vllm): an AVX2-only CPU (AMD Zen 2/3)
+#: on an AVX-512 one. Our kernels' AVX2 sets forced; oneDNN and MKL capped at AVX2 (read when
+#: they load: set before torch is imported, so in a fresh process).
+AVX2_ENV = {"PGSVD_FORCE_AVX2": "1", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
 def device_slug(name: str) -> str:
     """File-name key of a device name: ``nvidia-h100-80gb-hbm3``, ``cpu-intel-r-xeon-r``."""
     name = name.split(",")[0]  # drop the thread count from CPU names

@@ -13,6 +13,9 @@ Order of attempts, each logged once at INFO when it fails:
    minute, so it is opt-in: a plain ``import pgsvd_rt`` is never slowed by a compiler.
 
 Otherwise the pure-torch reference serves.
+
+``PGSVD_FORCE_AVX2=1`` serves the CPU kernels with their AVX2 sets even on an AVX-512 CPU (what
+an AVX2-only CPU such as AMD Zen 3 runs; ``benchmarks/bench_layers.py --isa avx2`` uses it).
 """
 
 from __future__ import annotations
@@ -88,6 +91,11 @@ def load() -> bool:
         except Exception as jit_exc:
             log.info("pgsvd_rt: JIT build of csrc/ failed (%s); torch reference serves", jit_exc)
             return False
+    force = os.environ.get("PGSVD_FORCE_AVX2", "0")
+    if force not in ("0", "1"):
+        raise ValueError(f"PGSVD_FORCE_AVX2 must be 0 or 1, got {force!r}")
+    if force == "1":
+        ext.decode_force_avx2(True)
     module = ext
     log.debug("pgsvd_rt: native kernels from %s: %s", ext.__name__, ext.build_info())
     return True

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pgsvd_rt import ops
+from pgsvd_rt.device import cpu_flags
 from pgsvd_rt.ops import _library, _native, packed, reference
 from tests.accuracy import check_lowrank
 
@@ -183,3 +184,23 @@ def test_pack_factors_is_none_where_no_kernel_serves():
     assert ops.pack_factors(us, torch.cat(vs, 1)) is None  # fp16: no packed kernel
     meta = [u.float().to("meta") for u in us]
     assert ops.pack_factors(meta, torch.cat(vs, 1).float().to("meta")) is None
+
+
+@native
+@pytest.mark.parametrize("value", ["1", "2"])
+def test_force_avx2_from_the_environment(value):
+    """PGSVD_FORCE_AVX2=1 serves with the AVX2 sets from the first import (what bench_layers and
+    bench_vllm --isa avx2 set for their engines); another value is refused, naming it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from pgsvd_rt import ops; from pgsvd_rt.ops import _native; "
+            "print(_native.module.packed_isa(False))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=os.environ | {"PGSVD_FORCE_AVX2": value}, timeout=300)
+    if value == "1":
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split()[-1] == ("avx2" if {"avx2", "fma"} <= cpu_flags() else "none")
+    else:
+        assert r.returncode != 0 and "PGSVD_FORCE_AVX2 must be 0 or 1, got '2'" in r.stderr
