@@ -30,6 +30,11 @@
 // Single-threaded the bf16 tile runs at about 210 GFLOP/s on Zen 4 (VDPBF16PS's peak is about
 // 64 FLOP a cycle); folding the pair broadcasts into the instructions' memory operands (as
 // oneDNN does) made no measurable difference there.
+// On AVX2 without AVX-512 (AMD Zen 2/3) fp32 runs the same layout in the tiles of
+// packed_avx2.h (3 rows x one panel: 16 registers); bf16 there has no tiles (no VDPBF16PS) and
+// the op unpacks. Measured as an AVX2 CPU on the Zen 4 (benchmarks/bench_layers.py --isa avx2,
+// SmolLM2-135M pgsvd-40 fp32; results ...-as-avx2-2026-12-07-layers-*): 1.2-2.1x the unpacked
+// AVX2 path (decode kernels, then MKL) at M = 1-256, 2.7x-1.5x vLLM's dense GEMMs.
 // No per-shape state: a model's ~400 shapes cost nothing but their arithmetic and bytes.
 //
 // Accuracy: bf16 products are exact in fp32, sums are fp32 (as torch's bf16 GEMMs); fp32 sums
