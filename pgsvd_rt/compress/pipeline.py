@@ -319,9 +319,8 @@ def compress_(
                 ref = float(((weights[i] @ grams[i]) * weights[i]).sum())
                 res.rel_objective = res.objective / ref if ref > 0 else 0.0
             if compare_closed_form:
-                Ac, Bc, _ = solvers.svdllm_factors(weights[i], grams[i], R, config.eig_floor,
-                                                   s.name)
-                res.closed_form_objective = solvers.objective(weights[i], grams[i], Ac, Bc)
+                res.closed_form_objective = solvers.closed_form_objective(
+                    weights[i], grams[i], R, config.eig_floor, s.name)
             dense = modules[i]
             bias = None if dense.bias is None else dense.bias.detach()
             dtype = dense.weight.dtype

@@ -5,6 +5,8 @@
 - :func:`svdllm_factors`: SVD-LLM's closed form for ``min ‖(W − AB) X‖_F``: whiten with
   ``G = T Tᵀ``, truncate the SVD of ``W T``, ``B ← B T⁻¹``. A failed Cholesky (singular or
   indefinite G) falls back to ``T = Q Λ^½`` from an eigen-decomposition with a relative floor.
+- :func:`closed_form_objective`: SVD-LLM's objective at a rank from singular values alone (what
+  PGSVD's ALS is compared with).
 - :func:`als_factors`: PGSVD's alternating least squares through ``pgsvd_rt.ops.als_solve``
   (native batched solver where built, the torch reference otherwise), SVD start, A first.
 
@@ -76,6 +78,23 @@ def svdllm_factors(
     else:
         B = torch.linalg.solve_triangular(T, BT, upper=False, left=False)
     return A, B, fell_back
+
+
+def closed_form_objective(
+    W: torch.Tensor, G: torch.Tensor, R: int, eig_floor: float, name: str = "?"
+) -> float:
+    """The objective of :func:`svdllm_factors` at rank R, without forming its factors.
+
+    With ``G = T Tᵀ`` exactly (Cholesky), ``‖(W − AB) X‖²`` of the closed form is the sum of the
+    squared singular values of ``W T`` past the R-th (singular values only: no vectors, no
+    triangular solve, no residual product). After the eigen fallback ``T Tᵀ`` is only close to G,
+    so the factors are formed and scored against G itself.
+    """
+    T, fell_back = whitening(G, eig_floor)
+    if fell_back:
+        A, B, _ = svdllm_factors(W, G, R, eig_floor, name)
+        return objective(W, G, A, B)
+    return float(linalg.svdvals(W @ T)[R:].square().sum())
 
 
 def als_factors(

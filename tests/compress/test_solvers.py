@@ -31,6 +31,20 @@ def test_svdllm_beats_svd_on_activation_objective():
     assert solvers.objective(W, G, Ac, Bc) < solvers.objective(W, G, A, B)
 
 
+@pytest.mark.parametrize("R", [1, 8, 31])
+def test_closed_form_objective_equals_the_factors_objective(R):
+    """From singular values alone, the objective of SVD-LLM's factors (what PGSVD's rows compare
+    ALS with), and through the factors themselves after the eigen fallback."""
+    W, G = _problem()
+    Ac, Bc, _ = solvers.svdllm_factors(W, G, R, 1e-8)
+    want = solvers.objective(W, G, Ac, Bc)
+    assert solvers.closed_form_objective(W, G, R, 1e-8) == pytest.approx(want, rel=1e-9)
+    W, G = _problem(rank_x=20)  # singular Gram: Cholesky fails
+    Ac, Bc, fell_back = solvers.svdllm_factors(W, G, R, 1e-8)
+    assert fell_back
+    assert solvers.closed_form_objective(W, G, R, 1e-8) == solvers.objective(W, G, Ac, Bc)
+
+
 def test_svdllm_falls_back_on_singular_gram(caplog):
     W, G = _problem(rank_x=20)
     with caplog.at_level(logging.WARNING, logger="pgsvd_rt"):
