@@ -89,7 +89,7 @@ def quality_table(
 def _fingerprint(model: nn.Module) -> dict:
     """What identifies the dense model a stored calibration was made from."""
     with torch.no_grad():
-        total = sum(float(p.double().sum()) for p in model.parameters())
+        total = sum(float(p.sum(dtype=torch.float64)) for p in model.parameters())
     return {"parameters": sum(p.numel() for p in model.parameters()), "checksum": total}
 
 
@@ -143,6 +143,8 @@ def _table(dense, tokenizer, texts, methods, ratios, calib, windows, seq_len, pr
         if rows_file is not None:
             write_json(rows_file, {"settings": settings, "rows": rows})
 
+    reused = [key for key in [("dense", None), *((m, r) for r in ratios for m in methods)]
+              if key in done]
     finish(done.get(("dense", None)) or {"method": "dense", "ppl": score(dense)} | zeroshot(dense))
     for ratio in ratios:
         for method in methods:
@@ -179,7 +181,7 @@ def _table(dense, tokenizer, texts, methods, ratios, calib, windows, seq_len, pr
             "windows": windows, "seq_len": seq_len, "long_windows": long_windows,
             "long_seq_len": long_seq_len,
             "bos": bos is not None, "rows": rows,
-            "resumed_rows": sum(r in done.values() for r in rows),
+            "resumed_rows": len(reused),
             "tasks": list(tasks or []), "task_limit": task_limit}
 
 
