@@ -21,6 +21,11 @@ from tqdm.auto import tqdm
 
 from pgsvd_rt.data import tokens_needed, windows_with_bos
 
+#: Bytes of fp32 logits per forward: windows per forward are cut to fit, as a window's logits
+#: (and the loss's two copies of them) dominate memory where the vocabulary is large (Qwen2.5's
+#: 151,936 tokens at 2048 tokens a window: 1.2 GB each).
+LOGITS_BUDGET = 2 << 30
+
 
 @torch.no_grad()
 def perplexity(
@@ -39,7 +44,8 @@ def perplexity(
         ids: (T,) int64 token stream.
         seq_len: window length L (>= 2).
         windows: number of windows (None: all complete windows).
-        batch_size: windows per forward.
+        batch_size: windows per forward (at most; fewer where their logits would exceed
+            :data:`LOGITS_BUDGET`).
         bos_id: start every window with this token (None: plain windows).
 
     Returns:
@@ -64,6 +70,9 @@ def perplexity(
         raise ValueError(f"text has {ids.numel()} tokens: only {available} windows of {seq_len}, "
                          f"asked for {windows}")
     device = next(model.parameters()).device
+    vocab = _vocab(model)
+    if vocab:
+        batch_size = max(1, min(batch_size, LOGITS_BUDGET // (4 * seq_len * vocab)))
     chunks = windows_with_bos(ids, windows, seq_len, bos_id)
     total_nll, scored = 0.0, 0
     for i in tqdm(range(0, windows, batch_size), desc="perplexity", disable=not progress):
@@ -79,3 +88,11 @@ def perplexity(
     mean = total_nll / scored
     return {"ppl": math.exp(mean), "nll": mean, "tokens_scored": scored, "windows": windows,
             "seq_len": seq_len, "bos": bos_id is not None}
+
+
+def _vocab(model: nn.Module) -> int | None:
+    """The width of the model's logits, where it says (its output embedding, or its config)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    return getattr(getattr(model, "config", None), "vocab_size", None)

@@ -52,3 +52,25 @@ def test_bos_windows_match_manual_cross_entropy(llama):
     # 50 tokens hold 3 plain windows of 16 but 3 BOS windows of 15 + 1 as well; 44 hold 2.
     with pytest.raises(ValueError, match="only 2 windows"):
         perplexity(llama, ids[:44], seq_len=16, windows=3, bos_id=257)
+
+
+def test_logits_budget_cuts_the_windows_per_forward(llama, monkeypatch):
+    """Windows per forward shrink so their logits fit LOGITS_BUDGET (a large vocabulary at long
+    windows): the same perplexity, fewer windows in each forward."""
+    import importlib
+
+    mod = importlib.import_module("pgsvd_rt.eval.perplexity")  # the package re-exports the fn
+
+    ids = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(3))
+    want = perplexity(llama, ids, seq_len=16, windows=6, batch_size=6)
+    seen = []
+    handle = llama.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    vocab = llama.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(mod, "LOGITS_BUDGET", 2 * 4 * 16 * vocab)  # two windows' logits
+    try:
+        got = perplexity(llama, ids, seq_len=16, windows=6, batch_size=6)
+    finally:
+        handle.remove()
+    assert seen == [2, 2, 2]
+    assert math.isclose(got["ppl"], want["ppl"], rel_tol=1e-5)
