@@ -304,7 +304,9 @@ def reproduce(
     command = shlex.join(["pgsvd" if prog in ("cli.py", "pgsvd") else prog, *sys.argv[1:]])
     result |= {"model": source.describe(), "device": device_name("cpu"),
                "date": date, "wall_s": time.perf_counter() - t0, "command": command,
-               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+               # this run's peak, or a resumed row's where that was higher
+               "peak_rss_bytes": max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]
+                                     + [r.get("peak_rss_bytes") or 0 for r in result["rows"]])}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"cpu-{date}-{name}-{model.replace('/', '_')}"
