@@ -100,6 +100,7 @@ def test_work_dir_resumes_a_table_and_refuses_other_settings(tiny_model_dir, tex
     again = reproduce(tmp_path / "b", calib=CalibConfig(samples=4, seq_len=32,
                                                         blocks_per_pass=1), name="b", **kw)
     assert again["resumed_rows"] == 3
+    assert again["peak_rss_bytes"] >= max(r.get("peak_rss_bytes") or 0 for r in first["rows"])
     assert [r["ppl"] for r in again["rows"]] == [r["ppl"] for r in first["rows"]]
     assert "finished rows were reused" in next((tmp_path / "b").glob("*.md")).read_text()
     with pytest.raises(ValueError, match=r"differs in \['windows'\]"):
