@@ -292,7 +292,9 @@ def compress_(
     t_ranks = time.perf_counter()
 
     results, replacements, t_calib, t_solve = [], {}, 0.0, 0.0
-    if isinstance(stats, dict):  # in memory: checked before hours of work (a store: per group)
+    if not needs_grams:
+        stats = None  # (plain SVD reads no statistics)
+    elif isinstance(stats, dict):  # in memory: checked before hours of work (a store: per group)
         _check_stats(specs, stats)
     groups = _groups(model, specs, stats, ids, config, progress)
     while True:
