@@ -73,6 +73,9 @@ class StatsStore(Mapping):
         t = load_file(_file(self.directory, key))
         return InputStats(t["gram"], t["abs_sum"], int(t["tokens"]))
 
+    def __contains__(self, key) -> bool:  # from the index: Mapping's default would load it
+        return key in self._keys
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 

@@ -26,6 +26,7 @@ def test_store_holds_the_grams_of_one_calibration(llama, tmp_path):
         assert torch.equal(got.gram, st.gram) and torch.equal(got.abs_sum, st.abs_sum)
         assert got.tokens == st.tokens == 3 * 16
     assert StatsStore(tmp_path).calibration == RECORD
+    assert all(key in store for key in ref) and "no.such.input" not in store
     with pytest.raises(KeyError):
         store["no.such.input"]
 
