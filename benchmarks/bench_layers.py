@@ -29,6 +29,10 @@ differ by the number of weights, which sets both the bytes read (decode) and the
 itself with ``benchlib.AVX2_ENV`` set (our kernels' AVX2 sets forced, oneDNN and MKL capped
 at AVX2), the file named ``...-as-avx2``.
 
+On a CPU with AMX (and bf16), ``op-amx`` is ``op`` with every packed call on the AMX tiles
+(csrc/packed_amx.h) at any M: beside ``op`` (AVX-512 tiles), the measurement behind the number of
+rows from which AMX serves (``pgsvd_rt._C.packed_amx``'s ``min_rows``).
+
 Per layer kind (qkv, o, gate/up, down): median ms per step, bytes per step and GB/s; for the
 whole step the time ratio of each dense provider to ``op`` beside the bytes ratio (the ideal), and
 the fraction of it reached. Runs inside a decode step of vLLM add the engine's own work around
@@ -52,10 +56,13 @@ import benchlib  # noqa: E402
 from pgsvd_rt import ops  # noqa: E402
 from pgsvd_rt.io.checkpoint import load_factored  # noqa: E402
 from pgsvd_rt.nn import GroupedLowRankLinear, LowRankLinear, group_projections_  # noqa: E402
+from pgsvd_rt.ops import _native  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # Providers that read the factors (the rest read dense weights).
-FACTORED = ("op", "op-unpacked", "two-matmul")
+FACTORED = ("op", "op-amx", "op-unpacked", "two-matmul")
+# Providers run with the AMX tiles serving every packed call (pgsvd_rt._C.packed_amx).
+AMX = ("op-amx",)
 KINDS = {"qkv_group": "qkv", "gate_up_group": "gate/up", "o_proj": "o", "down_proj": "down"}
 
 
@@ -107,6 +114,9 @@ def providers(layers: list[dict]) -> dict:
            "dense": lambda ly, x: torch.nn.functional.linear(x, ly["W"], ly["bias"])}
     if any(ly["packed"] is not None for ly in layers):
         out["op-unpacked"] = unpacked
+        if (layers[0]["v"].dtype == torch.bfloat16 and ops.native_available()
+                and _native.module.amx_available()):
+            out["op-amx"] = op  # run() turns the AMX tiles on around it
     try:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
     except ImportError:
@@ -147,11 +157,17 @@ def run(a) -> dict:
                 for p, fn in provs.items():
                     flush.add_(1.0)  # evict the previous provider's weights
                     acc = dict.fromkeys(kinds, 0)
-                    for ly in layers:
-                        x = xs[ly["K"]]
-                        t0 = time.perf_counter_ns()
-                        fn(ly, x)
-                        acc[ly["kind"]] += time.perf_counter_ns() - t0
+                    if p in AMX:
+                        _native.module.packed_amx("on", 1)
+                    try:
+                        for ly in layers:
+                            x = xs[ly["K"]]
+                            t0 = time.perf_counter_ns()
+                            fn(ly, x)
+                            acc[ly["kind"]] += time.perf_counter_ns() - t0
+                    finally:
+                        if p in AMX:
+                            _native.module.packed_amx("off")
                     if r >= a.warmup:
                         for k in kinds:
                             times[p][k].append(acc[k] / 1e6)

@@ -220,6 +220,9 @@ def to_markdown(rep: dict) -> str:
         lines += ["Run as an AVX2-only CPU (`--isa avx2`): our kernels' AVX2 sets forced, oneDNN "
                   "and MKL capped at AVX2 (`benchlib.AVX2_ENV`); vLLM's own kernels as built.",
                   ""]
+    if m.get("isa") == "amx":
+        lines += ["`--isa amx`: the factored engines' bf16 calls of 16 rows or more on our AMX "
+                  "tiles (`PGSVD_AMX=1`).", ""]
     if m.get("note"):  # what the numbers alone do not say (the commit measured, the machine)
         lines += [m["note"], ""]
     lines += [f"vLLM {m['vllm']}, {'compiled' if m['compile'] else 'eager'}, "
@@ -277,7 +280,7 @@ def summary(paths: list[str]) -> str:
             rep = json.load(f)
         m, srv = rep["meta"], rep.get("server", {})
         cpu = m["device"].split(",")[0].removeprefix("CPU: ")
-        cpu += " as AVX2" if m.get("isa") == "avx2" else ""
+        cpu += benchlib.ISAS[m.get("isa", "auto")][2]
         for dtype, res in rep["results"].items():
             dense = res[0]
             for r in res[1:]:
@@ -350,8 +353,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     p.add_argument("--tp-reduce", choices=["output", "rank", "both"], default="output",
                    help="the factored checkpoints' row-parallel reduction (see the header)")
-    p.add_argument("--isa", choices=["auto", "avx2"], default="auto",
-                   help="avx2: the engines run as on an AVX2-only CPU (benchlib.AVX2_ENV)")
+    p.add_argument("--isa", choices=list(benchlib.ISAS), default="auto",
+                   help="avx2: the engines run as on an AVX2-only CPU (benchlib.AVX2_ENV); amx: "
+                   "the factored engines' bf16 calls of >= 16 rows on the AMX tiles (PGSVD_AMX=1)")
     p.add_argument("--note", default="", help="a line for the report: what the numbers alone "
                    "do not say (the commit, the machine)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -377,8 +381,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         if not sep or not name or name == "dense" or not os.path.isdir(path):
             p.error(f"--ckpt must be NAME=DIR with an existing directory, got {item!r}")
         ckpts[name] = path
-    if a.isa == "avx2":  # the engines' processes inherit it
-        os.environ.update(benchlib.AVX2_ENV)
+    if a.isa == "amx":
+        from pgsvd_rt.ops import _native
+
+        if not (_native.load() and _native.module.amx_available()):
+            p.error("--isa amx: this CPU has no AMX-TILE/AMX-BF16 (or the kernel refused them, or "
+                    "pgsvd_rt._C is not built)")
+    os.environ.update(benchlib.ISAS[a.isa][0])  # the engines' processes inherit it
     import vllm
 
     device = benchlib.device_name("cuda" if _cuda() else "cpu")
@@ -390,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     "tp_reduce": a.tp_reduce, "note": a.note, "isa": a.isa,
                     "server_clients": a.server_clients if a.server else None,
                     **benchlib.versions()}, "results": {}, "server": {}}
-    slug = benchlib.device_slug(device) + ("-as-avx2" if a.isa == "avx2" else "")
+    slug = benchlib.device_slug(device) + benchlib.ISAS[a.isa][1]
     stem = os.path.join(a.out, f"{slug}-{benchlib.today()}-vllm-{a.model}"
                                + (f"-tp{a.tp}" if a.tp > 1 else ""))
     os.makedirs(a.out, exist_ok=True)

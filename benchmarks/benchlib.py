@@ -142,6 +142,12 @@ def matmul_tflops(device: str, dtype: torch.dtype, n: int) -> float:
 #: they load: set before torch is imported, so in a fresh process).
 AVX2_ENV = {"PGSVD_FORCE_AVX2": "1", "ONEDNN_MAX_CPU_ISA": "AVX2",
             "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+#: ``--isa`` of bench_vllm: the environment each choice sets for the engines, the suffix of the
+#: results files and the label of the README's rows. amx: our bf16 packed calls of 16 rows or
+#: more on the AMX tiles (``PGSVD_AMX=1``; Intel CPUs with AMX-BF16).
+ISAS = {"auto": ({}, "", ""),
+        "avx2": (AVX2_ENV, "-as-avx2", " as AVX2"),
+        "amx": ({"PGSVD_AMX": "1"}, "-amx", " AMX tiles")}
 
 
 def device_slug(name: str) -> str:

@@ -35,6 +35,11 @@
 // the op unpacks. Measured as an AVX2 CPU on the Zen 4 (benchmarks/bench_layers.py --isa avx2,
 // SmolLM2-135M pgsvd-40 fp32; results ...-as-avx2-2026-12-07-layers-*): 1.2-2.1x the unpacked
 // AVX2 path (decode kernels, then MKL) at M = 1-256, 2.7x-1.5x vLLM's dense GEMMs.
+// On Intel CPUs with AMX-BF16, bf16 calls of at least min_rows rows (16) can run in the AMX
+// tiles of packed_amx.h, on the same layout (TDPBF16PS reads a panel's 16 steps as they lie).
+// They are opt-in (PGSVD_AMX=1, pgsvd_rt._C.packed_amx("on")) until measured on such a CPU: no
+// development machine since they were written has had AMX; the code around the instructions
+// is tested everywhere with the instructions emulated (packed_amx("emulate")).
 // No per-shape state: a model's ~400 shapes cost nothing but their arithmetic and bytes.
 //
 // Accuracy: bf16 products are exact in fp32, sums are fp32 (as torch's bf16 GEMMs); fp32 sums
@@ -61,6 +66,7 @@
 #include "output_pool.h"
 
 #ifdef PGSVD_BF16_X86
+#include "packed_amx.h"
 #include "packed_avx2.h"
 #endif
 
@@ -108,6 +114,14 @@ inline void share(int64_t n, int64_t tid, int64_t nthr, int64_t& b, int64_t& e) 
   b = n * tid / nthr;
   e = n * (tid + 1) / nthr;
 }
+
+// Which register tiles serve a call (panels() below).
+enum class Tiles { kAvx512, kAvx2, kAmx, kAmxEmu };
+
+// AMX for bf16 calls of at least g_amx_min_rows rows, where set_amx() enabled it: 0 off (the
+// default until the tiles are measured on an AMX CPU: issue 31), 1 the hardware, 2 emulated.
+std::atomic<int> g_amx{0};
+std::atomic<int64_t> g_amx_min_rows{16};
 
 #ifdef PGSVD_BF16_X86
 using namespace simd;
@@ -233,14 +247,21 @@ void panel_rows(int64_t rows, int64_t npanels, const E* a, int64_t lda, int64_t 
 }
 
 // Panels [p0, p1) of one matrix for `rows` rows: two at a time (tiles of up to 6 rows x 64
-// columns), the last one alone (up to 12 x 32) where their number is odd; with avx2 (fp32 only)
-// one at a time in the tiles of packed_avx2.h.
+// columns), the last one alone (up to 12 x 32) where their number is odd; with kAvx2 (fp32 only)
+// one at a time in the tiles of packed_avx2.h; with kAmx (bf16 only) in the AMX tiles of
+// packed_amx.h (kAmxEmu: the same code, the tile instructions emulated).
 template <typename E>
-void panels(bool avx2, int64_t p0, int64_t p1, int64_t rows, const E* a, int64_t lda,
+void panels(Tiles tiles, int64_t p0, int64_t p1, int64_t rows, const E* a, int64_t lda,
             int64_t steps, const E* b, int64_t psize, const E* bias, int64_t ncols, E* out,
             int64_t ldo) {
+  if constexpr (std::is_same_v<E, uint16_t>) {
+    if (tiles == Tiles::kAmx)
+      return amx::panels<amx::Hw>(p0, p1, rows, a, lda, steps, b, psize, bias, ncols, out, ldo);
+    if (tiles == Tiles::kAmxEmu)
+      return amx::panels<amx::Emu>(p0, p1, rows, a, lda, steps, b, psize, bias, ncols, out, ldo);
+  }
   if constexpr (std::is_same_v<E, float>) {
-    if (avx2) {
+    if (tiles == Tiles::kAvx2) {
       for (int64_t p = p0; p < p1; ++p)
         avx2::panel_rows(rows, a, lda, steps, b + p * psize, bias ? bias + p * kPanel : nullptr,
                          std::min(kPanel, ncols - p * kPanel), out + p * kPanel, ldo, kChunkF32);
@@ -259,7 +280,7 @@ void panels(bool avx2, int64_t p0, int64_t p1, int64_t rows, const E* a, int64_t
 // y (M, sum N) for x (M, K) contiguous rows (ldx >= K, K even for bf16 or x readable one past
 // each row with zeros... the caller pads odd K), the packed factors w, bias_cat or null.
 template <typename E>
-void run(bool avx2, const E* x, int64_t ldx, int64_t M, const E* w, const Layout& L,
+void run(Tiles tiles, const E* x, int64_t ldx, int64_t M, const E* w, const Layout& L,
          const E* bias, E* y, int64_t ldy) {
   constexpr int64_t kp = std::is_same_v<E, float> ? 1 : 2;
   const int64_t Rp = L.rp, nv = Rp / kPanel, vsize = L.steps * kPanel * kp;
@@ -284,14 +305,14 @@ void run(bool avx2, const E* x, int64_t ldx, int64_t M, const E* w, const Layout
   // Rows [m0, m0 + rows): stage 1 on V's panels [vb, ve), stage 2 on all groups' U panels
   // [ub, ue) (a barrier between them where the threads share t).
   auto stage1 = [&](int64_t m0, int64_t rows, int64_t vb, int64_t ve, E* t) {
-    panels<E>(avx2, vb, ve, rows, x + m0 * ldx, ldx, L.steps, w, vsize, nullptr, Rp, t, Rp);
+    panels<E>(tiles, vb, ve, rows, x + m0 * ldx, ldx, L.steps, w, vsize, nullptr, Rp, t, Rp);
   };
   auto stage2 = [&](int64_t m0, int64_t rows, int64_t ub, int64_t ue, const E* t) {
     int64_t base = 0;
     for (size_t g = 0; g < L.ns.size(); ++g) {
       const int64_t q0 = std::max(ub, base) - base, q1 = std::min(ue, base + L.u_panels[g]) - base;
       if (q0 < q1)
-        panels<E>(avx2, q0, q1, rows, t + L.off[g], Rp, L.u_steps[g], w + L.u_base[g],
+        panels<E>(tiles, q0, q1, rows, t + L.off[g], Rp, L.u_steps[g], w + L.u_base[g],
                   L.u_steps[g] * kPanel * kp, bias ? bias + L.n0[g] : nullptr, L.ns[g],
                   y + m0 * ldy + L.n0[g], ldy);
       base += L.u_panels[g];
@@ -343,6 +364,15 @@ bool kernels_for(at::ScalarType dt) {
   if (dt == at::kFloat) return f32_avx512() || decode::has_avx2();
   return false;
 }
+
+// The tiles that serve a call of M rows where kernels_for(dt): bf16 on AMX from
+// g_amx_min_rows rows where enabled, else AVX-512; fp32 on AVX-512, else AVX2.
+Tiles tiles_for(at::ScalarType dt, int64_t M) {
+  if (dt == at::kFloat) return f32_avx512() ? Tiles::kAvx512 : Tiles::kAvx2;
+  const int mode = g_amx.load(std::memory_order_relaxed);
+  if (mode == 0 || M < g_amx_min_rows.load(std::memory_order_relaxed)) return Tiles::kAvx512;
+  return mode == 1 ? Tiles::kAmx : Tiles::kAmxEmu;
+}
 #else
 bool kernels_for(at::ScalarType) { return false; }
 #endif
@@ -392,12 +422,36 @@ void check(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef ns, at::Int
 
 bool kernels(bool bf16) { return kernels_for(bf16 ? at::kBFloat16 : at::kFloat); }
 
-std::string isa(bool bf16) {
+std::string isa(bool bf16, int64_t rows) {
   if (!kernels(bf16)) return "none";
 #ifdef PGSVD_BF16_X86
-  if (!bf16 && !f32_avx512()) return "avx2";
+  switch (tiles_for(bf16 ? at::kBFloat16 : at::kFloat, rows)) {
+    case Tiles::kAvx2: return "avx2";
+    case Tiles::kAmx: return "amx";
+    case Tiles::kAmxEmu: return "amx-emulated";
+    case Tiles::kAvx512: break;
+  }
 #endif
   return "avx512";
+}
+
+bool amx_available() {
+#ifdef PGSVD_BF16_X86
+  return amx::available();
+#else
+  return false;
+#endif
+}
+
+void set_amx(const std::string& mode, int64_t min_rows) {
+  TORCH_CHECK_VALUE(mode == "off" || mode == "on" || mode == "emulate",
+                    "packed_amx: mode must be 'off', 'on' or 'emulate', got '", mode, "'");
+  TORCH_CHECK_VALUE(min_rows >= 1, "packed_amx: min_rows must be >= 1, got ", min_rows);
+  TORCH_CHECK_VALUE(mode != "on" || amx_available(), "packed_amx: mode 'on' needs AMX-TILE and "
+                    "AMX-BF16 and the kernel's permission to use them (arch_prctl); this CPU or "
+                    "kernel has not");
+  g_amx.store(mode == "on" ? 1 : mode == "emulate" ? 2 : 0);
+  g_amx_min_rows.store(min_rows);
 }
 
 at::Tensor lowrank_matmul_packed_cpu(const at::Tensor& x, const at::Tensor& w,
@@ -430,12 +484,12 @@ at::Tensor lowrank_matmul_packed_cpu(const at::Tensor& x, const at::Tensor& w,
   }
   if (kp == 2) {
     using E = c10::BFloat16;
-    run<uint16_t>(false, reinterpret_cast<const uint16_t*>(x2.data_ptr<E>()), x2.stride(0), M,
+    run<uint16_t>(tiles_for(x.scalar_type(), M), reinterpret_cast<const uint16_t*>(x2.data_ptr<E>()), x2.stride(0), M,
                   reinterpret_cast<const uint16_t*>(wc.data_ptr<E>()), L,
                   bc.defined() ? reinterpret_cast<const uint16_t*>(bc.data_ptr<E>()) : nullptr,
                   reinterpret_cast<uint16_t*>(y.data_ptr<E>()), L.n_total());
   } else {
-    run<float>(!f32_avx512(), x2.data_ptr<float>(), x2.stride(0), M, wc.data_ptr<float>(), L,
+    run<float>(tiles_for(x.scalar_type(), M), x2.data_ptr<float>(), x2.stride(0), M, wc.data_ptr<float>(), L,
                bc.defined() ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>(), L.n_total());
   }
 #endif

@@ -24,7 +24,9 @@ void force_avx2(bool on);
 }  // namespace decode
 namespace packed {
 bool kernels(bool bf16);                      // lowrank_packed_cpu.cpp
-std::string isa(bool bf16);                   // lowrank_packed_cpu.cpp
+std::string isa(bool bf16, int64_t rows);     // lowrank_packed_cpu.cpp
+bool amx_available();
+void set_amx(const std::string& mode, int64_t min_rows);
 }  // namespace packed
 pybind11::dict output_pool_stats();           // output_pool.cpp
 void output_pool_clear();
@@ -75,7 +77,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_kernels", &pgsvd::packed::kernels, pybind11::arg("bf16"),
         "whether lowrank_matmul_packed has kernels for bf16 (else fp32) on this CPU");
   m.def("packed_isa", &pgsvd::packed::isa, pybind11::arg("bf16"),
-        "which tiles serve lowrank_matmul_packed for bf16 (else fp32): avx512, avx2 or none");
+        pybind11::arg("rows") = int64_t(1) << 40,
+        "which tiles serve a lowrank_matmul_packed call of `rows` rows (default: a large call) "
+        "for bf16 (else fp32): avx512, avx2, amx, amx-emulated or none");
+  m.def("packed_amx", &pgsvd::packed::set_amx, pybind11::arg("mode"),
+        pybind11::arg("min_rows") = 16,
+        "serve bf16 lowrank_matmul_packed calls of >= min_rows rows with the AMX tiles: 'on' (the "
+        "hardware; refused where the CPU or kernel has no AMX), 'emulate' (the same code, the "
+        "tile instructions in C++: tests), 'off' (the default)");
+  m.def("amx_available", &pgsvd::packed::amx_available,
+        "whether this CPU has AMX-TILE and AMX-BF16 and the kernel lets this process use them");
   m.def("decode_force_avx2", &pgsvd::decode::force_avx2, pybind11::arg("on"),
         "serve the decode and packed kernels with the AVX2 set even on an AVX-512 CPU (tests "
         "cover both)");

@@ -16,6 +16,10 @@ Otherwise the pure-torch reference serves.
 
 ``PGSVD_FORCE_AVX2=1`` serves the CPU kernels with their AVX2 sets even on an AVX-512 CPU (what
 an AVX2-only CPU such as AMD Zen 3 runs; ``benchmarks/bench_layers.py --isa avx2`` uses it).
+
+``PGSVD_AMX=1`` serves bf16 packed calls of 16 rows or more with the AMX tiles (Intel CPUs with
+AMX-BF16; refused, naming why, elsewhere); ``PGSVD_AMX=emulate`` runs the same code with the tile
+instructions emulated (slow: for tests). Off by default until measured on an AMX CPU.
 """
 
 from __future__ import annotations
@@ -96,6 +100,11 @@ def load() -> bool:
         raise ValueError(f"PGSVD_FORCE_AVX2 must be 0 or 1, got {force!r}")
     if force == "1":
         ext.decode_force_avx2(True)
+    amx = os.environ.get("PGSVD_AMX", "0")
+    if amx not in ("0", "1", "emulate"):
+        raise ValueError(f"PGSVD_AMX must be 0, 1 or emulate, got {amx!r}")
+    if amx != "0":
+        ext.packed_amx("on" if amx == "1" else "emulate")
     module = ext
     log.debug("pgsvd_rt: native kernels from %s: %s", ext.__name__, ext.build_info())
     return True

@@ -7,7 +7,10 @@ kernels: M = 1..7 (6-row tiles of two panels; AVX2: 3-row tiles), 12-13 and 17 (
 where a panel is alone), 128-130 and 257 (128-row blocks); N and R around 32 (a panel, a pair;
 AVX2: 8-column vectors, masked tails), odd K (bf16's last pair), K = 1000 (fp32's 128-step
 chunks, summed in fp32), several groups sharing x. Every native case runs on the tiles this CPU
-picks and on the AVX2 tiles forced (fp32; bf16 has none: skipped, saying so).
+picks, on the AVX2 tiles forced (fp32; bf16 has none: skipped, saying so), and for bf16 on the
+AMX tiles from one row on: emulated on every CPU with AVX512-BF16 (csrc/packed_amx.h: the code
+around the tile instructions; 16-row tiles, 16-step B tiles with zero-padded tails), and on the
+hardware where the CPU has AMX (skipped, saying so, elsewhere).
 """
 
 import pytest
@@ -40,24 +43,35 @@ def _check_groups(y, x, us, vs, b):
         n0 += N
 
 
-@pytest.fixture(params=["auto", "avx2"])
+@pytest.fixture(params=["auto", "avx2", "amx-emulated", "amx"])
 def isa(request):
-    """The packed tiles this CPU picks, or the AVX2 ones forced (csrc/packed_avx2.h)."""
+    """The packed tiles this CPU picks, the AVX2 ones forced (csrc/packed_avx2.h), or the AMX ones
+    (csrc/packed_amx.h) from one row on, emulated or on the hardware."""
     if not ops.native_available():
         pytest.skip("pgsvd_rt._C is not built")
-    _native.module.decode_force_avx2(request.param == "avx2")
-    yield request.param
-    _native.module.decode_force_avx2(False)
+    m = _native.module
+    if request.param == "amx" and not m.amx_available():
+        pytest.skip("no AMX: this CPU lacks AMX-TILE/AMX-BF16 or the kernel refused them")
+    m.decode_force_avx2(request.param == "avx2")
+    if request.param.startswith("amx"):
+        m.packed_amx("on" if request.param == "amx" else "emulate", 1)
+    try:
+        yield request.param
+    finally:
+        m.decode_force_avx2(False)
+        m.packed_amx("off")
 
 
 def _packed(us, vs, isa="auto"):
-    p = ops.pack_factors(us, torch.cat(vs, 1))
     bf16 = vs[0].dtype == torch.bfloat16
+    if isa.startswith("amx") and not bf16:
+        pytest.skip("the AMX tiles serve bf16 only (no fp32 TMUL)")
+    p = ops.pack_factors(us, torch.cat(vs, 1))
     if p is None:
         pytest.skip(f"no packed CPU kernel for {vs[0].dtype} with the {isa} tiles on this CPU "
                     f"({_native.module.build_info()})")
-    if isa == "avx2":
-        assert _native.module.packed_isa(bf16) == "avx2"
+    if isa != "auto":
+        assert _native.module.packed_isa(bf16, 1) == isa
     return p
 
 
@@ -204,3 +218,50 @@ def test_force_avx2_from_the_environment(value):
         assert r.stdout.split()[-1] == ("avx2" if {"avx2", "fma"} <= cpu_flags() else "none")
     else:
         assert r.returncode != 0 and "PGSVD_FORCE_AVX2 must be 0 or 1, got '2'" in r.stderr
+
+
+@native
+def test_amx_serves_from_min_rows():
+    """The AMX tiles take bf16 calls from min_rows rows (AVX-512 below; fp32 never); 'on' is
+    refused, naming why, where the CPU or kernel has no AMX; bad settings are refused."""
+    m = _native.module
+    if not m.packed_kernels(True):
+        pytest.skip(f"no packed bf16 kernels on this CPU ({m.build_info()})")
+    try:
+        m.packed_amx("emulate", 16)
+        assert [m.packed_isa(True, r) for r in (1, 15, 16, 64)] == (
+            ["avx512"] * 2 + ["amx-emulated"] * 2)
+        assert m.packed_isa(False, 64) in ("avx512", "avx2")
+        if not m.amx_available():
+            with pytest.raises(ValueError, match="needs AMX-TILE and AMX-BF16"):
+                m.packed_amx("on")
+        with pytest.raises(ValueError, match="got 'fast'"):
+            m.packed_amx("fast")
+        with pytest.raises(ValueError, match="min_rows must be >= 1, got 0"):
+            m.packed_amx("emulate", 0)
+    finally:
+        m.packed_amx("off")
+    assert m.packed_isa(True, 64) == "avx512"
+
+
+@native
+@pytest.mark.parametrize("value", ["emulate", "1", "yes"])
+def test_amx_from_the_environment(value):
+    """PGSVD_AMX=1 (or emulate) serves large bf16 calls with the AMX tiles from the first import;
+    1 on a CPU without AMX, and any other value, are refused naming the value or the reason."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from pgsvd_rt import ops; from pgsvd_rt.ops import _native; "
+            "print(_native.module.packed_isa(True))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=os.environ | {"PGSVD_AMX": value}, timeout=300)
+    if value == "yes":
+        assert r.returncode != 0 and "PGSVD_AMX must be 0, 1 or emulate, got 'yes'" in r.stderr
+    elif value == "1" and not _native.module.amx_available():
+        assert r.returncode != 0 and "needs AMX-TILE and AMX-BF16" in r.stderr
+    else:
+        assert r.returncode == 0, r.stderr
+        want = {"1": "amx", "emulate": "amx-emulated"}[value]
+        assert r.stdout.split()[-1] == (want if _native.module.packed_kernels(True) else "none")
