@@ -61,6 +61,7 @@ pybind11::dict build_info() {
                                                   pgsvd::decode::v_transposed(false));
   d["packed_kernels"] = pybind11::make_tuple(pgsvd::packed::kernels(true),
                                              pgsvd::packed::kernels(false));
+  d["amx_available"] = pgsvd::packed::amx_available();
   return d;
 }
 
@@ -70,7 +71,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pgsvd_rt native kernels; importing registers CPU (and CUDA) impls of pgsvd ops";
   m.def("build_info", &build_info,
         "compiler, with_cuda, torch version, ops, cpu_avx512(_bf16), decode_max_rows (bf16, fp32), "
-        "decode_v_transposed (bf16, fp32)");
+        "decode_v_transposed (bf16, fp32), packed_kernels (bf16, fp32), amx_available");
   m.def("decode_v_transposed", &pgsvd::decode::v_transposed, pybind11::arg("bf16"),
         "whether the decode kernels of bf16 (else fp32) read v (K, R) fastest as v.T, (R, K) "
         "row-major");

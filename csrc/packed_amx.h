@@ -10,8 +10,9 @@
 // B 6-7 (the panel's two halves); per 32 bf16 of the reduction 4 tile loads feed 4 TDPBF16PS.
 //
 // Edges without per-shape configuration (one tile configuration serves every call): the rows of
-// A (x for stage 1, a group's columns of t for stage 2) are copied into a scratch zero-padded to
-// 16 rows and 32 columns (a copy of M x K, against M x K x 32 multiply-adds a panel); a panel's
+// A (x for stage 1, a group's columns of t for stage 2) that do not fill whole tiles are copied
+// into a scratch zero-padded to 16 rows and 32 columns (all of them where the reduction is not
+// a multiple of 32: a copy of M x K, against M x K x 32 multiply-adds a panel); a panel's
 // last, partial 16 steps are copied into a zero-padded 16-step scratch (reading on would cross
 // into the next panel, or past the tensor). Zeros in both are exact. The fp32 block goes
 // through memory (TILESTORED) to the epilogue: bias in fp32, one rounding to bf16, rows and
@@ -202,11 +203,14 @@ void panels(int64_t p0, int64_t p1, int64_t rows, const uint16_t* a, int64_t lda
   if (p0 >= p1 || rows <= 0) return;
   const int64_t chunks = (steps + kTileRows - 1) / kTileRows, full = steps / kTileRows;
   const int64_t kpad = std::max<int64_t>(chunks, 1) * kChunk;
-  const int64_t rpad = (rows + kTileRows - 1) / kTileRows * kTileRows;
+  // Rows [0, rin) are read in place (whole 32-row groups where the reduction is whole 32-element
+  // chunks: x at the usual hidden sizes); the rest go to the zero-padded scratch.
+  const int64_t rin = full == chunks ? rows / (2 * kTileRows) * (2 * kTileRows) : 0;
+  const int64_t rpad = (rows - rin + kTileRows - 1) / kTileRows * kTileRows;
   thread_local std::vector<uint16_t> abuf;
   abuf.assign(static_cast<size_t>(rpad * kpad), 0);
-  for (int64_t i = 0; i < rows; ++i)
-    std::memcpy(abuf.data() + i * kpad, a + i * lda, static_cast<size_t>(2 * steps) * 2);
+  for (int64_t i = rin; i < rows; ++i)
+    std::memcpy(abuf.data() + (i - rin) * kpad, a + i * lda, static_cast<size_t>(2 * steps) * 2);
   alignas(64) uint16_t btail[kTileRows * kStepElems];
   alignas(64) float cbuf[2 * kTileRows * kPanel];
   T::begin();
@@ -221,15 +225,16 @@ void panels(int64_t p0, int64_t p1, int64_t rows, const uint16_t* a, int64_t lda
     const int64_t nc = std::min(kPanel, ncols - p * kPanel);
     const uint16_t* bb = bias ? bias + p * kPanel : nullptr;
     for (int64_t r0 = 0; r0 < rows; r0 += 2 * kTileRows) {
-      const uint16_t* ar = abuf.data() + r0 * kpad;
+      const uint16_t* ar = r0 < rin ? a + r0 * lda : abuf.data() + (r0 - rin) * kpad;
+      const int64_t ld = r0 < rin ? lda : kpad;
       const bool two = rows - r0 > kTileRows;
       T::zero_c();
       for (int64_t ch = 0; ch < chunks; ++ch) {
         const uint16_t* bs = ch < full ? bp + ch * kTileRows * kStepElems : btail;
         if (two)
-          T::template step<2>(ar + ch * kChunk, kpad, bs);
+          T::template step<2>(ar + ch * kChunk, ld, bs);
         else
-          T::template step<1>(ar + ch * kChunk, kpad, bs);
+          T::template step<1>(ar + ch * kChunk, ld, bs);
       }
       if (two)
         T::template store_c<2>(cbuf);
