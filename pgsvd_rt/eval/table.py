@@ -140,8 +140,10 @@ def _table(dense, tokenizer, texts, methods, ratios, calib, windows, seq_len, pr
 
     def finish(row: dict) -> None:
         rows.append(row)
-        if rows_file is not None:
-            write_json(rows_file, {"settings": settings, "rows": rows})
+        if rows_file is not None:  # this run's rows, and every saved row it did not select
+            mine = {(r["method"], r.get("target_ratio")) for r in rows}
+            kept = [r for key, r in done.items() if key not in mine]
+            write_json(rows_file, {"settings": settings, "rows": rows + kept})
 
     reused = [key for key in [("dense", None), *((m, r) for r in ratios for m in methods)]
               if key in done]

@@ -103,6 +103,11 @@ def test_work_dir_resumes_a_table_and_refuses_other_settings(tiny_model_dir, tex
     assert again["peak_rss_bytes"] >= max(r.get("peak_rss_bytes") or 0 for r in first["rows"])
     assert [r["ppl"] for r in again["rows"]] == [r["ppl"] for r in first["rows"]]
     assert "finished rows were reused" in next((tmp_path / "b").glob("*.md")).read_text()
+    # A run of a subset (one method) keeps the rows it did not select in the work directory.
+    reproduce(tmp_path / "d", calib=CalibConfig(samples=4, seq_len=32, blocks_per_pass=1),
+              name="d", **(kw | {"methods": ("svd-llm",)}))
+    saved = json.loads((tmp_path / "work" / "rows.json").read_text())["rows"]
+    assert sorted(r["method"] for r in saved) == ["dense", "pgsvd", "svd-llm"]
     with pytest.raises(ValueError, match=r"differs in \['windows'\]"):
         reproduce(tmp_path / "c", calib=CalibConfig(samples=4, seq_len=32, blocks_per_pass=1),
                   name="c", **(kw | {"windows": 3}))
