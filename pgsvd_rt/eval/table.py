@@ -72,7 +72,9 @@ def quality_table(
         long_windows: also score this many windows of ``long_seq_len`` tokens per text (the
             published tables' protocol: 2048), as ``"<text>@<long_seq_len>"``.
         work_dir: keep the calibration statistics (on disk) and every finished row here; the
-            same call again resumes, skipping finished rows (other settings are refused).
+            same call again resumes, skipping finished rows (other settings are refused). Zero-
+            shot tasks may differ: a finished row without the ones asked gets them (the dense
+            row is scored, a compressed row compressed again).
             Without it, ``calib.blocks_per_pass`` puts the statistics in a temporary directory.
 
     Returns:
@@ -107,16 +109,19 @@ def _table(dense, tokenizer, texts, methods, ratios, calib, windows, seq_len, pr
         stats = calibrate_to_disk(dense, ids, record, work_dir / "grams", calib.batch_size,
                                   calib.blocks_per_pass, progress)
         calib_s = stats.wall_s
+    # What every row must share; zero-shot tasks are each row's own (a resumed row without the
+    # tasks asked gets them: the dense row is scored, a compressed row compressed again).
     settings = {"calibration": provenance, "windows": windows, "seq_len": seq_len,
-                "long": [long_windows, long_seq_len], "texts": list(texts),
-                "tasks": list(tasks or []), "task_limit": task_limit, "model": model_id}
+                "long": [long_windows, long_seq_len], "texts": list(texts), "model": model_id}
     rows_file = None if work_dir is None else work_dir / "rows.json"
     done: dict = {}
     if rows_file is not None and rows_file.is_file():
         saved = json.loads(rows_file.read_text())
-        check_same(saved["settings"], settings, str(rows_file))
+        check_same({k: v for k, v in saved["settings"].items()
+                    if k not in ("tasks", "task_limit")},  # files written before rows had them
+                   settings, str(rows_file))
         done = {(r["method"], r.get("target_ratio")): r for r in saved["rows"]}
-        log.info("%d finished rows reused from %s", len(done), rows_file)
+        log.info("%d finished rows found in %s", len(done), rows_file)
 
     bos = data.bos_id(tokenizer)
 
@@ -145,12 +150,21 @@ def _table(dense, tokenizer, texts, methods, ratios, calib, windows, seq_len, pr
             kept = [r for key, r in done.items() if key not in mine]
             write_json(rows_file, {"settings": settings, "rows": rows + kept})
 
-    reused = [key for key in [("dense", None), *((m, r) for r in ratios for m in methods)]
-              if key in done]
-    finish(done.get(("dense", None)) or {"method": "dense", "ppl": score(dense)} | zeroshot(dense))
+    def has_tasks(row: dict) -> bool:
+        zs = row.get("zeroshot")
+        return not tasks or (zs is not None and list(zs["tasks"]) == list(tasks)
+                             and zs["limit"] == task_limit)
+
+    # A selected row finished without the tasks asked is compressed again (its model is gone);
+    # the saved row stays in the work directory until the new one replaces it.
+    selected = [(m, r) for r in ratios for m in methods]
+    reuse = {key for key in [("dense", None), *selected] if key in done}
+    reuse -= {key for key in selected if key in reuse and not has_tasks(done[key])}
+    dense_row = done.get(("dense", None)) or {"method": "dense", "ppl": score(dense)}
+    finish(dense_row if has_tasks(dense_row) else dense_row | zeroshot(dense))
     for ratio in ratios:
         for method in methods:
-            if (method, ratio) in done:
+            if (method, ratio) in reuse:
                 finish(done[method, ratio])
                 log.info("%s @ %.0f%%: finished before, %s", method, 100 * ratio,
                          done[method, ratio]["ppl"])
@@ -183,14 +197,15 @@ def _table(dense, tokenizer, texts, methods, ratios, calib, windows, seq_len, pr
             "windows": windows, "seq_len": seq_len, "long_windows": long_windows,
             "long_seq_len": long_seq_len,
             "bos": bos is not None, "rows": rows,
-            "resumed_rows": len(reused),
+            "resumed_rows": len(reuse),
             "tasks": list(tasks or []), "task_limit": task_limit}
 
 
 def render_markdown(result: dict) -> str:
     """A markdown table of :func:`quality_table`'s result."""
     corpora = list(result["rows"][0]["ppl"])
-    tasks = list(result["rows"][0].get("zeroshot", {}).get("tasks", {}))
+    scored = next((r["zeroshot"] for r in result["rows"] if r.get("zeroshot")), {})
+    tasks = list(scored.get("tasks", {}))  # a row without them (resumed, not asked) is blank
     head = "| method | target | achieved | " + " | ".join(f"ppl {c}" for c in corpora)
     if tasks:
         head += " | " + " | ".join(f"{t} acc" for t in tasks) + " | avg acc"
@@ -199,10 +214,12 @@ def render_markdown(result: dict) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
         ppl = " | ".join(f"{r['ppl'][c]:.2f}" for c in corpora)
-        if tasks:
-            zs = r["zeroshot"]
+        zs = r.get("zeroshot")
+        if tasks and zs and list(zs["tasks"]) == tasks:
             ppl += " | " + " | ".join(f"{100 * zs['tasks'][t]['acc']:.1f}" for t in tasks)
             ppl += f" | {100 * zs['average_acc']:.1f}"
+        elif tasks:
+            ppl += " |" * (len(tasks) + 1)
         if r["method"] == "dense":
             lines.append(f"| dense | - | - | {ppl} | | | | | |")
             continue

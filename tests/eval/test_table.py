@@ -127,3 +127,43 @@ def test_long_windows_add_a_column_per_text(tiny_model_dir, text_file):
     want = perplexity(dense, ids, 64, 2, bos_id=data.bos_id(tok))["ppl"]
     assert res["rows"][0]["ppl"]["wt@64"] == pytest.approx(want)
     assert "ppl wt@64" in render_markdown(res)
+
+
+def test_work_dir_adds_zero_shot_tasks_to_finished_rows(tiny_model_dir, text_file, tmp_path,
+                                                        monkeypatch):
+    """A resumed table asked for tasks its finished rows lack scores them: the dense row in
+    place, a selected compressed row compressed again (same perplexity); an unselected row is
+    kept as it was, and a failure while compressing again loses no saved row."""
+    import pgsvd_rt.eval.table as table
+
+    kw = dict(model=str(tiny_model_dir), methods=("svd-llm", "pgsvd"), ratios=(0.3,), tasks=(),
+              text_file=str(text_file), windows=2, seq_len=32, progress=False,
+              calib=CalibConfig(samples=4, seq_len=32, blocks_per_pass=1),
+              work_dir=tmp_path / "work")
+    first = reproduce(tmp_path / "a", name="a", **kw)
+    rows_file = tmp_path / "work" / "rows.json"
+
+    real_compress = table.compress_
+
+    def failing(*a, **k):
+        raise RuntimeError("killed")
+    monkeypatch.setattr(table, "compress_", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        reproduce(tmp_path / "b", name="b", **(kw | {"tasks": ("piqa",), "task_limit": 2}))
+    saved = {r["method"]: r for r in json.loads(rows_file.read_text())["rows"]}
+    assert set(saved) == {"dense", "svd-llm", "pgsvd"}
+    assert saved["dense"]["zeroshot"]["tasks"]["piqa"]["n"] == 2  # scored before the failure
+
+    monkeypatch.setattr(table, "compress_", real_compress)
+    again = reproduce(tmp_path / "c", name="c",
+                      **(kw | {"methods": ("svd-llm",), "tasks": ("piqa",), "task_limit": 2}))
+    assert [r["method"] for r in again["rows"]] == ["dense", "svd-llm"]
+    assert all(r["zeroshot"]["tasks"]["piqa"]["n"] == 2 for r in again["rows"])
+    assert again["rows"][1]["ppl"] == pytest.approx(first["rows"][1]["ppl"], rel=1e-6)
+    saved = {r["method"]: r for r in json.loads(rows_file.read_text())["rows"]}
+    assert "zeroshot" in saved["svd-llm"] and "zeroshot" not in saved["pgsvd"]
+    # Both kinds of rows in one table: the one without tasks has blank task cells.
+    md = render_markdown({"rows": list(saved.values())})
+    pgsvd_line = next(line for line in md.splitlines() if line.startswith("| pgsvd |"))
+    ppl = f"{saved['pgsvd']['ppl']['wikitext2']:.2f}"
+    assert "piqa acc" in md and f"| {ppl} | | | " in pgsvd_line, pgsvd_line
