@@ -30,6 +30,12 @@ PGSVD_BF16 inline __m512bh bcast_pair(const uint16_t* p) {
   return (__m512bh)_mm512_castps_si512(_mm512_set1_ps(f));
 }
 
+// The first lanes of k of p[0..16) widened from bf16 to fp32 (a 16-bit shift), the others 0.
+PGSVD_BF16 inline __m512 widen(const uint16_t* p, __mmask16 k) {
+  const __m256i h = _mm256_maskz_loadu_epi16(k, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 inline __mmask32 mask32(int64_t n) {
   return n >= 32 ? ~__mmask32(0)
                  : static_cast<__mmask32>(n <= 0 ? 0u : (uint32_t(1) << n) - 1u);

@@ -130,11 +130,6 @@ PGSVD_BF16 void pack_u(const uint16_t* u, int64_t ldu, int64_t nrows, int64_t R,
   }
 }
 
-PGSVD_BF16 inline __m512 widen(const uint16_t* p, __mmask16 k) {  // bf16 -> fp32: a shift
-  const __m256i h = _mm256_maskz_loadu_epi16(k, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 // y[i, :ncols] = bf16(sum_j tb[i, 2j..2j+1] . pack[j] + bias) for i < MB, ncols <= 64.
 template <int MB>
 PGSVD_BF16 void tu_block(const uint16_t* tb, int64_t ldtb, const int32_t* pack, int64_t P,

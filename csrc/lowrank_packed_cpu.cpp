@@ -154,10 +154,7 @@ PGSVD_BF16 void tile(const uint16_t* a, int64_t lda, int64_t steps, const uint16
   for (int q = 0; q < NV; ++q) {
     const __mmask16 mk = mask16(ncols - 16 * q);
     if (!mk) break;
-    __m512 bv = _mm512_setzero_ps();
-    if (bias)
-      bv = _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, bias + 16 * q)), 16));
+    const __m512 bv = bias ? widen(bias + 16 * q, mk) : _mm512_setzero_ps();
     for (int i = 0; i < MB; ++i) {
       const __m256i r = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][q], bv));
       _mm256_mask_storeu_epi16(out + i * ldo + 16 * q, mk, r);

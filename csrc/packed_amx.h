@@ -171,10 +171,7 @@ PGSVD_BF16 inline void epilogue_avx512(const float* c, int64_t rows, const uint1
   for (int q = 0; q < 2; ++q) {
     const __mmask16 mk = mask16(ncols - 16 * q);
     if (!mk) break;
-    __m512 bv = _mm512_setzero_ps();
-    if (bias)
-      bv = _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, bias + 16 * q)), 16));
+    const __m512 bv = bias ? widen(bias + 16 * q, mk) : _mm512_setzero_ps();
     for (int64_t i = 0; i < rows; ++i) {
       const __m512 s = _mm512_add_ps(_mm512_loadu_ps(c + i * kPanel + 16 * q), bv);
       _mm256_mask_storeu_epi16(out + i * ldo + 16 * q, mk, (__m256i)_mm512_cvtneps_pbh(s));
