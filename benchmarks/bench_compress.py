@@ -59,7 +59,7 @@ def run(args) -> dict:
         "target_ratio": args.ratio, "achieved_ratio": report.achieved_ratio,
         "dense_layers": report.dense_layers, "distinct_ranks": report.distinct_ranks,
         "layers": len(report.layers), "timings": report.timings, **benchlib.versions(),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "command": benchlib.command(__file__),
     }
 
 

@@ -215,7 +215,7 @@ def main(argv=None) -> dict:
            "heldout": texts["ppl_heldout"][1] if "ppl_heldout" in texts else None,
            "calib_samples": a.calib_samples, "new_tokens": a.new, "rounds": a.rounds,
            "rows": rows, "wall_s": time.perf_counter() - t_start,
-           "command": " ".join(["python", *sys.argv])}
+           "command": benchlib.command(__file__)}
     os.makedirs(a.out, exist_ok=True)
     tag = ("smoke" if a.smoke else a.model) + (f"-{a.tag}" if a.tag else "")
     stem = os.path.join(a.out, f"{benchlib.device_slug(res['device'])}-{res['date']}-int8-{tag}")

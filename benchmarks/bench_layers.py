@@ -142,7 +142,7 @@ def run(a) -> dict:
     res = {"meta": {"device": benchlib.device_name("cpu"), "date": benchlib.today(),
                     "ckpt": os.path.basename(os.path.normpath(a.ckpt)), "dtype": a.dtype,
                     "threads": torch.get_num_threads(), "rounds": a.rounds, "layers": len(layers),
-                    "native": ops.native_available(), "isa": a.isa,
+                    "native": ops.native_available(), "isa": a.isa, "command": a.command,
                     **({"isa_env": benchlib.AVX2_ENV} if a.isa == "avx2" else {}),
                     **benchlib.versions()},
            "bytes": {k: {"op": sum(ly["factor_bytes"] for ly in layers if ly["kind"] == k),
@@ -185,7 +185,8 @@ def render(res: dict) -> str:
              + f", torch {m['torch']}, {m['threads']} threads, CPU numbers; "
              f"{m['layers']} calls per step (q/k/v and gate/up merged as vLLM merges them), "
              f"weights cold, providers interleaved, median of {m['rounds']} rounds",
-             "- ideal = dense bytes / factored bytes; frac ideal = (dense ms / op ms) / ideal", ""]
+             "- ideal = dense bytes / factored bytes; frac ideal = (dense ms / op ms) / ideal"]
+    lines += [f"- command: `{m['command']}`", ""] if m.get("command") else [""]
     kinds = list(res["bytes"])
     for M, per in res["results"].items():
         lines += [f"## M = {M}", "", "| layers | bytes/step factored (dense) | "
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--isa", choices=["auto", "avx2"], default="auto",
                    help="avx2: measure as an AVX2-only CPU would run (module docstring)")
     a = p.parse_args(argv)
+    a.command = benchlib.command(__file__, argv)
     if a.rounds <= a.warmup:
         p.error(f"--rounds must exceed --warmup ({a.warmup}), got {a.rounds}")
     if a.isa == "avx2" and any(os.environ.get(k) != v for k, v in benchlib.AVX2_ENV.items()):

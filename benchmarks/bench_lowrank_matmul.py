@@ -54,6 +54,7 @@ from benchlib import (  # noqa: E402  (shared shape tables, ideal bytes, timers,
     M_FULL,
     SMOKE_SHAPES,
     ceilings,
+    command,
     device_name,
     device_slug,
     ideal,
@@ -222,7 +223,7 @@ def run_policy(args) -> dict:
         "device": name, "capability": capability, "date": today(), "torch": torch.__version__,
         "triton": versions()["triton"], "smoke": bool(args.smoke),
         "graph_max_m": POLICY_GRAPH_MAX_M, "margin": POLICY_MARGIN,
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "command": command(__file__),
         "timings": rows, "table": None, "complete": False,
     }
 

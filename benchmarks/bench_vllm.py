@@ -228,8 +228,9 @@ def to_markdown(rep: dict) -> str:
     lines += [f"vLLM {m['vllm']}, {'compiled' if m['compile'] else 'eager'}, "
               f"tensor parallel {m.get('tp', 1)}, prompt {m['prompt']} "
               f"tokens, {m['new_tokens']} new tokens per request, median of {m['rounds']} rounds "
-              "(engines kept alive, variants taking turns). Command: `python benchmarks/"
-              "bench_vllm.py` (see its header). tok/s = output tokens/s over all requests "
+              "(engines kept alive, variants taking turns). Command: `"
+              + m.get("command", "python benchmarks/bench_vllm.py") + "`. "
+              "tok/s = output tokens/s over all requests "
               "(prefill NxL: N prompts of L tokens, one new token each; prompt tokens/s); "
               "paired = median over rounds of the ratio to dense in the same round (range in "
               "brackets); ideal = dense's bytes of weights per token over the variant's (= the "
@@ -397,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     "prompt": a.prompt, "new_tokens": a.new_tokens, "rounds": a.rounds,
                     "concurrency": a.concurrency, "loads": loads, "tp": a.tp,
                     "tp_reduce": a.tp_reduce, "note": a.note, "isa": a.isa,
+                    "command": benchlib.command(__file__),
                     "server_clients": a.server_clients if a.server else None,
                     **benchlib.versions()}, "results": {}, "server": {}}
     slug = benchlib.device_slug(device) + benchlib.ISAS[a.isa][1]

@@ -13,7 +13,9 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
+import sys
 import time
 
 import torch
@@ -158,6 +160,16 @@ def device_slug(name: str) -> str:
 
 def today() -> str:
     return _dt.date.today().isoformat()
+
+
+def command(script: str, argv: list[str] | None = None) -> str:
+    """The command line of this run for its results file, as a user types it from the repository
+    root: ``python benchmarks/<script> ARGS`` (``argv``: the arguments a caller passed to
+    ``main``; None: the process's own)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.abspath(script)
+    shown = os.path.relpath(path, root) if path.startswith(root + os.sep) else script
+    return shlex.join(["python", shown, *(sys.argv[1:] if argv is None else argv)])
 
 
 def versions() -> dict:

@@ -154,10 +154,10 @@ def run(args) -> dict:
                             rows.append(compile_config(cfg, path, arch, dtype, groups,
                                                        aligned == "aligned"))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from benchlib import today
+    from benchlib import command, today
 
     return {"triton": triton.__version__, "date": today(),
-            "command": "python benchmarks/kernel_resources.py " + " ".join(sys.argv[1:]),
+            "command": command(__file__),
             "smem_limit_bytes": SMEM_LIMIT, "rows": rows, "violations": violations(rows)}
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import benchlib  # noqa: E402  (this script's folder is on sys.path)
+
 from pgsvd_rt import models  # noqa: E402
 from pgsvd_rt.device import device_name  # noqa: E402
 from pgsvd_rt.eval import tasks as T  # noqa: E402
@@ -132,7 +134,7 @@ def main() -> int:
 
     report = {"model": source.describe(), "device": device_name("cpu"),
               "date": datetime.date.today().isoformat(),
-              "command": " ".join(["python", "benchmarks/lmeval_crosscheck.py", *sys.argv[1:]]),
+              "command": benchlib.command(__file__),
               "limit": args.limit,
               "lm_eval_version": getattr(lm_eval, "__version__", "?"),
               "tasks": compare(ours["items"], theirs),

@@ -13,6 +13,13 @@ sys.path.insert(0, BENCH)
 import benchlib  # noqa: E402
 
 
+def test_command_is_what_a_user_types_from_the_repository_root():
+    script = os.path.join(BENCH, "bench_vllm.py")
+    assert (benchlib.command(script, ["--model", "smollm2-135m", "--note", "Zen 4, 2 cores"])
+            == "python benchmarks/bench_vllm.py --model smollm2-135m --note 'Zen 4, 2 cores'")
+    assert benchlib.command("/elsewhere/x.py", []) == "python /elsewhere/x.py"
+
+
 def test_shapes_from_configs():
     assert benchlib.shape_groups("llama2-7b") == [
         ("q/k/v/o", 4096, 4096), ("gate/up", 11008, 4096), ("down", 4096, 11008)]

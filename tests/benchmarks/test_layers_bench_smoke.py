@@ -31,7 +31,8 @@ def test_layers_bench_smoke(tmp_path, dtype):
         assert all(ms > 0 for t in per.values() for ms in t.values())
     (js,) = (tmp_path / "out").glob("*-layers-ckpt-*.json")
     assert json.loads(js.read_text())["meta"]["layers"] == res["meta"]["layers"] > 0
-    assert "dense / op" in js.with_suffix(".md").read_text()
+    md = js.with_suffix(".md").read_text()
+    assert "dense / op" in md and "command: `python benchmarks/bench_layers.py --ckpt " in md
 
 
 def test_layers_bench_refuses_rounds_not_above_warmup(tmp_path):
