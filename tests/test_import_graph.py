@@ -138,7 +138,8 @@ def test_no_import_cycle():
     edges = import_edges(modules)
     cycle = find_cycle(edges)
     if cycle:
-        steps = "\n".join(f"  {a} -> {b}   ({edges[a][b]})" for a, b in zip(cycle, cycle[1:], strict=False))
+        steps = "\n".join(f"  {a} -> {b}   ({edges[a][b]})"
+                          for a, b in zip(cycle, cycle[1:], strict=False))
         pytest.fail(f"import circle in pgsvd_rt ({len(cycle) - 1} modules):\n{steps}")
 
 

@@ -119,7 +119,8 @@ def _int8_factors(M, K, N, R, dtype, device, bias, seed):
     vs = torch.rand(R, generator=g) / 127 / R**0.5
     b = torch.randn(N, generator=g) if bias else None
     x = torch.randn(M, K, generator=g)
-    cast = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
+    def cast(t):
+        return None if t is None else t.to(device=device, dtype=dtype)
     return (cast(x), u.to(device), cast(us), vt.to(device), cast(vs), cast(b))
 
 

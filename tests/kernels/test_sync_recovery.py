@@ -72,8 +72,7 @@ def test_interrupted_launch_does_not_hang_the_next(lowrank_kernels):
 def test_cuda_wrapper_with_empty_contraction(lowrank_kernels):
     """K = 0: y = bias (or 0), as the reference gives, through the CUDA op wrapper."""
     pytest.importorskip("triton")
-    from pgsvd_rt.ops import _library, _triton
-    from pgsvd_rt.ops import reference
+    from pgsvd_rt.ops import _library, _triton, reference
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 0, generator=g)

@@ -1,17 +1,17 @@
 """Native CPU kernels of pgsvd::lowrank_matmul(_grouped, _merged) (csrc/lowrank_matmul_cpu.cpp).
 
-Every case goes through the dispatcher (``ops.lowrank_matmul`` on CPU tensors) and checks that
-the C++ kernel served it (its call counter), then holds the result to the 2x-PyTorch rule of
+Every case goes through the dispatcher (``ops.lowrank_matmul`` on CPU tensors) and checks that the
+C++ kernel served it (its call counter), then holds the result to the 2x-PyTorch rule of
 tests/accuracy.py against fp64, in fp32 and bf16 (whose torch error is bf16 rounding of both
-matmuls). The decode cases run twice (``decode_isa``): with the kernels this CPU picks and with
-the AVX2 set forced (on an AVX-512 CPU the only way to test it; AVX2 CPUs run it either way:
-both dtypes at M <= 8, then fp32 GEMMs for bf16). Paths on an AVX512-BF16 CPU: the decode
-kernels of csrc/lowrank_decode_cpu.cpp for bf16 at M <= 4 and fp32 at M <= 16 (M = 1, 3, 5, 8, 11, 16: band widths, one or two chains;
-R = 1, 7, 37, 64 strips and odd-R pairs; odd K the unpaired last row; K = 1000 the K split across
-threads and several 64-row chunks), the AVX512-BF16 GEMMs of csrc/lowrank_bf16_cpu.cpp for bf16
-at M >= 5 (M = 5, 13, 17, 130 cross its 12-row and 6-row blocks, N = 41, 64, 130 its 64-row
-blocks), library GEMMs for fp32 above 16. On AVX-512 without AVX512-BF16 the one-pass kernel
-serves bf16 at M <= 4 (fp64/fp32 accumulation, one rounding).
+matmuls). The decode cases run twice (``decode_isa``): with the kernels this CPU picks and with the
+AVX2 set forced (on an AVX-512 CPU the only way to test it; AVX2 CPUs run it either way: both dtypes
+at M <= 8, then fp32 GEMMs for bf16). Paths on an AVX512-BF16 CPU: the decode kernels of
+csrc/lowrank_decode_cpu.cpp for bf16 at M <= 4 and fp32 at M <= 16 (M = 1, 3, 5, 8, 11, 16: band
+widths, one or two chains; R = 1, 7, 37, 64 strips and odd-R pairs; odd K the unpaired last row; K =
+1000 the K split across threads and several 64-row chunks), the AVX512-BF16 GEMMs of
+csrc/lowrank_bf16_cpu.cpp for bf16 at M >= 5 (M = 5, 13, 17, 130 cross its 12-row and 6-row blocks,
+N = 41, 64, 130 its 64-row blocks), library GEMMs for fp32 above 16. On AVX-512 without AVX512-BF16
+the one-pass kernel serves bf16 at M <= 4 (fp64/fp32 accumulation, one rounding).
 """
 
 import os
@@ -40,9 +40,10 @@ def decode_isa(request):
     _native.module.decode_force_avx2(False)
 
 
-def _served_natively(fn):
+def _served_natively(fn, *args):
+    """fn(*args), checking it made exactly one call into the C++ kernels."""
     before = _native.module.lowrank_calls()
-    out = fn()
+    out = fn(*args)
     assert _native.module.lowrank_calls() == before + 1, "the CPU call did not reach the C++ kernel"
     return out
 
@@ -65,7 +66,7 @@ CASES += [(2, 1000, 130, 37, True, "sliced"), (4, 257, 41, 7, False, "transposed
 @pytest.mark.parametrize("M,K,N,R,bias,layout", CASES)
 def test_native_matches_fp64(M, K, N, R, bias, layout, dtype, decode_isa):
     x, u, v, b = lowrank_factors(M, K, N, R, dtype, "cpu", bias, layout, seed=M * 100 + R + K)
-    y = _served_natively(lambda: ops.lowrank_matmul(x, u, v, b))
+    y = _served_natively(ops.lowrank_matmul, x, u, v, b)
     check_lowrank(y, x, u, v, b)
 
 
@@ -77,7 +78,7 @@ def test_native_batched_leading_dims_and_strided_factors(dtype):
     u = (torch.randn(41, 20, generator=g) / 4).to(dtype)[:, 3:10]
     v = (torch.randn(96, 20, generator=g) / 10).to(dtype)[:, 3:10]
     b = torch.randn(41, generator=g).to(dtype)
-    y = _served_natively(lambda: ops.lowrank_matmul(x, u, v, b))
+    y = _served_natively(ops.lowrank_matmul, x, u, v, b)
     assert y.shape == (2, 1, 41)
     check_lowrank(y.reshape(2, 41), x.reshape(2, 96), u, v, b)
 
@@ -101,7 +102,7 @@ def test_native_grouped_matches_fp64(M, dtype, decode_isa):
     vs = [(torch.randn(K, R, generator=g) / K**0.5).to(dtype) for _, R in shapes]
     bs = [torch.randn(41, generator=g).to(dtype), None, torch.randn(24, generator=g).to(dtype)]
     bias_cat = torch.cat([b if b is not None else torch.zeros(16, dtype=dtype) for b in bs])
-    ys = _served_natively(lambda: ops.lowrank_matmul_grouped(x, us, torch.cat(vs, 1), bias_cat))
+    ys = _served_natively(ops.lowrank_matmul_grouped, x, us, torch.cat(vs, 1), bias_cat)
     for y, u, v, b in zip(ys, us, vs, bs, strict=True):
         check_lowrank(y, x, u, v, b)
 
@@ -119,7 +120,7 @@ def test_native_merged_is_grouped_side_by_side(M, dtype, decode_isa):
     v_cat = (torch.randn(K, 45, generator=g) / K**0.5).to(dtype)
     bias_cat = torch.randn(81, generator=g).to(dtype)
     for b in (bias_cat, None):
-        y = _served_natively(lambda: ops.lowrank_matmul_merged(x, us, v_cat, b))
+        y = _served_natively(ops.lowrank_matmul_merged, x, us, v_cat, b)
         assert y.shape == (*x.shape[:-1], 81)
         want = torch.cat(ops.lowrank_matmul_grouped(x, us, v_cat, b), -1)
         torch.testing.assert_close(y, want, rtol=0, atol=0)
@@ -138,15 +139,14 @@ def test_native_v_transposed_matches_fp64(M, dtype, decode_isa):
         x, u, v, b = lowrank_factors(M, K, N, R, dtype, "cpu", True, "contig", seed=M + K)
         vt = v.t().contiguous().t()
         assert vt.stride() == (1, K)
-        check_lowrank(_served_natively(lambda: ops.lowrank_matmul(x, u, vt, b)), x, u, v, b)
+        check_lowrank(_served_natively(ops.lowrank_matmul, x, u, vt, b), x, u, v, b)
     g = torch.Generator().manual_seed(M)
     K, shapes = 300, [(41, 7), (16, 1), (24, 37)]
     x = torch.randn(M, K, generator=g).to(dtype)
     us = [(torch.randn(N, R, generator=g) / R**0.5).to(dtype) for N, R in shapes]
     v_cat = (torch.randn(K, 45, generator=g) / K**0.5).to(dtype)
     bias_cat = torch.randn(81, generator=g).to(dtype)
-    y = _served_natively(lambda: ops.lowrank_matmul_merged(x, us, v_cat.t().contiguous().t(),
-                                                           bias_cat))
+    y = _served_natively(ops.lowrank_matmul_merged, x, us, v_cat.t().contiguous().t(), bias_cat)
     r0 = n0 = 0
     for (N, R), u in zip(shapes, us, strict=True):
         check_lowrank(y[:, n0:n0 + N].contiguous(), x, u, v_cat[:, r0:r0 + R],

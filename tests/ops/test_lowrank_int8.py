@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pgsvd_rt import ops
-from pgsvd_rt.ops import reference
 from pgsvd_rt.nn import LowRankLinearInt8
+from pgsvd_rt.ops import reference
 
 
 def _factors(N, R, K, dtype, seed=0, bias=True):
