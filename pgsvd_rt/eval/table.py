@@ -333,9 +333,15 @@ def reproduce(
     plotted = plot_perplexity(result, out / f"{stem}-ppl.png", corpus)
     resumed = (" (this run; finished rows were reused from an earlier one, each row keeps "
                "its own compress time)" if result.get("resumed_rows") else "")
-    limit_txt = "all" if task_limit is None else f"the first {task_limit}"
-    zs_txt = (f"; zero-shot acc (%) on {limit_txt} documents of {', '.join(tasks)} (lm-eval "
-              "prompts and scoring, `pgsvd_rt.eval.zeroshot`)") if tasks else ""
+    # Zero-shot as the rows have it (a resumed row may have been scored by an earlier run).
+    scored = [r["zeroshot"] for r in result["rows"] if r.get("zeroshot")]
+    zs_txt = ""
+    if scored:
+        limit = scored[0]["limit"]
+        zs_txt = (f"; zero-shot acc (%) on {'all' if limit is None else f'the first {limit}'} "
+                  f"documents of {', '.join(scored[0]['tasks'])} (lm-eval prompts and scoring, "
+                  "`pgsvd_rt.eval.zeroshot`)"
+                  + ("" if len(scored) == len(result["rows"]) else "; blank: not scored"))
     md = (f"# Accuracy table, {result['model']}\n\n{result['device']}, {date}. Calibration "
           f"{calib.samples} x {calib.seq_len} wiki-offline tokens; perplexity "
           f"({', '.join(texts)}) over {windows} x {seq_len}-token windows"

@@ -162,6 +162,13 @@ def test_work_dir_adds_zero_shot_tasks_to_finished_rows(tiny_model_dir, text_fil
     assert again["rows"][1]["ppl"] == pytest.approx(first["rows"][1]["ppl"], rel=1e-6)
     saved = {r["method"]: r for r in json.loads(rows_file.read_text())["rows"]}
     assert "zeroshot" in saved["svd-llm"] and "zeroshot" not in saved["pgsvd"]
+    # The whole table, no tasks asked: every saved row reused, the scored ones shown as scored.
+    monkeypatch.setattr(table, "compress_", failing)
+    whole = reproduce(tmp_path / "e", name="e", **kw)
+    assert [bool(r.get("zeroshot")) for r in whole["rows"]] == [True, True, False]
+    md_file = next((tmp_path / "e").glob("*.md")).read_text()
+    assert "zero-shot acc (%) on the first 2 documents of piqa" in md_file
+    assert "blank: not scored" in md_file
     # Both kinds of rows in one table: the one without tasks has blank task cells.
     md = render_markdown({"rows": list(saved.values())})
     pgsvd_line = next(line for line in md.splitlines() if line.startswith("| pgsvd |"))
