@@ -60,6 +60,7 @@ def test_load_reads_tokens_and_latencies():
                             [300 + i for i in range(5)]]
     assert st["tok_s"] > 0 and st["ttft_ms"]["p50"] > 0
     assert st["itl_ms"]["p99"] >= st["itl_ms"]["p50"] > 0
+    assert len(st["itl_gaps_ms"]) == 3 * 4
 
 
 @pytest.mark.parametrize("mode,reason", [("short", "finish 'stop', 4 tokens"),
@@ -73,3 +74,25 @@ def test_percentile():
     lib = load_bench("serverlib")
     assert lib.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert lib.percentile([5.0], 99) == 5.0
+
+
+def test_pooled_p99_is_the_p99_of_every_round_together():
+    """Each round keeps only its largest gaps (keep_top), yet the pooled p99 equals the p99 of
+    all rounds' gaps concatenated: also when one round holds every stall (the case a median of
+    per-round p99s misreads), and for rounds of different sizes."""
+    import random
+
+    lib = load_bench("serverlib")
+    rng = random.Random(0)
+    rounds = [[rng.uniform(30, 40) for _ in range(n)] for n in (1008, 1008, 700, 1)]
+    rounds[1][:16] = [rng.uniform(200, 300) for _ in range(16)]  # one stall of a 16-batch
+    rounds[2][:40] = [rng.uniform(100, 500) for _ in range(40)]
+    runs = [{"itl_gaps_ms": list(g)} for g in rounds]
+    lib.keep_top(runs)
+    assert all("itl_gaps_ms" not in r for r in runs) and len(runs[0]["itl_top_ms"]) < 1008
+    want = lib.percentile([x for g in rounds for x in g], 99)
+    assert lib.pooled_p99(runs) == pytest.approx(want, rel=1e-12)
+    # Too few kept gaps is an error, never a wrong percentile.
+    runs[2]["itl_top_ms"] = runs[2]["itl_top_ms"][:3]
+    with pytest.raises(ValueError, match="below the"):
+        lib.pooled_p99(runs)

@@ -73,7 +73,8 @@ def test_server_table_pairs_rounds_and_counts_every_request():
 
     def st(tok_s, ok=4, same=4):
         return {"requests": 4, "ok": ok, "failed": [], "tok_s": tok_s, "same_as_offline": same,
-                "ttft_ms": {"p50": 10.0, "p99": 20.0}, "itl_ms": {"p50": 1.0, "p99": 2.0}}
+                "ttft_ms": {"p50": 10.0, "p99": 20.0}, "itl_ms": {"p50": 1.0, "p99": 2.0},
+                "itl_n": 1, "itl_top_ms": [2.0]}
 
     rep["meta"]["server_clients"] = [4]
     rep["server"] = {"bfloat16": {"dense": {"4": [st(10.0), st(20.0)]},
@@ -92,7 +93,8 @@ def test_summary_one_row_per_variant_with_server_cells(tmp_path, capsys):
 
     def st(tok_s, p99):
         return {"requests": 4, "ok": 4, "failed": [], "tok_s": tok_s, "same_as_offline": 4,
-                "ttft_ms": {"p50": 10.0, "p99": 20.0}, "itl_ms": {"p50": 1.0, "p99": p99}}
+                "ttft_ms": {"p50": 10.0, "p99": 20.0}, "itl_ms": {"p50": 1.0, "p99": p99},
+                "itl_n": 1, "itl_top_ms": [p99]}
 
     rep["meta"]["server_clients"] = [16]
     rep["server"] = {"bfloat16": {"dense": {"16": [st(10.0, 4.0)]},
