@@ -102,7 +102,7 @@ async def load(url: str, model: str, prompts: list[list[int]], new_tokens: int,
 
 # The p99 inter-token latency of a variant is taken over every gap of every round together.
 # A round's own p99 is the wrong statistic at 16 clients: one stall of the whole batch (the
-# server pausing ~100-300 ms mid-stream, seen on dense and factored servers alike) is 16 of the
+# server pausing 0.1-0.5 s mid-stream, seen on dense and factored servers alike) is 16 of the
 # round's 1008 gaps, so a round's p99 measures whether one such stall happened in it. Each
 # round keeps its largest gaps, enough of them that the pooled p99 is exact (see keep_top).
 P99 = 99.0
@@ -123,6 +123,8 @@ def pooled_p99(rounds: list[dict]) -> float:
     """The p99 (ms) of every inter-token gap of ``rounds`` together (as :func:`percentile` of
     their concatenation), from the rounds' ``itl_n`` and ``itl_top_ms``."""
     n = sum(r["itl_n"] for r in rounds)
+    if n == 0:
+        return float("nan")
     pos = (n - 1) * P99 / 100  # index in ascending order, as percentile() interpolates
     lo = int(pos)
     hi = min(lo + 1, n - 1)

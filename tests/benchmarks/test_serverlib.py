@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 
 import pytest
 
@@ -96,3 +97,10 @@ def test_pooled_p99_is_the_p99_of_every_round_together():
     runs[2]["itl_top_ms"] = runs[2]["itl_top_ms"][:3]
     with pytest.raises(ValueError, match="below the"):
         lib.pooled_p99(runs)
+
+
+def test_pooled_p99_without_gaps_is_nan():
+    lib = load_bench("serverlib")
+    runs = [{"itl_gaps_ms": []}, {"itl_gaps_ms": []}]
+    lib.keep_top(runs)
+    assert math.isnan(lib.pooled_p99(runs))
