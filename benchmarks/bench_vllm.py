@@ -23,7 +23,8 @@ Loads, in process (``vllm.LLM``):
 127.0.0.1, all at once on their own ports, and for each ``--server-clients`` N (default 16 64)
 the variants take turns under N concurrent streaming clients (``serverlib.py``: one
 completion each, the decode loads' prompt and token counts), round by round: output tokens/s,
-time to first token and inter-token latency p50/p99, requests answered whole (finish reason
+time to first token and inter-token latency p50/p99 (the ITL p99 over every round's gaps
+together: ``serverlib.pooled_p99``), requests answered whole (finish reason
 ``length``, every token; a failure is logged and counted, never dropped from the count), and how
 many greedy responses equal the offline generation of the same prompts by the in-process engine.
 Each server is stopped by this script at the end (or on error); each load is bounded by
