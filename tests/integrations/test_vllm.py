@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -125,17 +126,26 @@ def test_pgsvd_serve_answers_the_openai_client(tiny_ckpts, tmp_path):
     port = _free_port()
     template = tmp_path / "chat.jinja"  # the tiny byte tokenizer has no chat template
     template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    # stderr to a file and stdout drained once the URL is read: a pipe nobody reads fills up
+    # with the server's logs and blocks it (it then never exits on SIGINT).
+    err = (tmp_path / "serve.err").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pgsvd_rt.cli", "serve", str(ckpt), "--port", str(port),
          "--dtype", "float32", "--max-model-len", "256", "--", "--enforce-eager",
          "--served-model-name", "tiny", "--chat-template", str(template)],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+
+    def log_tail() -> str:
+        err.flush()
+        return (tmp_path / "serve.err").read_text()[-4000:]
+
     children = []
     try:
         for line in proc.stdout:  # pgsvd prints the URL once the server answers
             if line.startswith("pgsvd serve: http://127.0.0.1"):
                 break
-        assert proc.poll() is None, f"pgsvd serve exited:\n{proc.stderr.read()[-4000:]}"
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        assert proc.poll() is None, f"pgsvd serve exited:\n{log_tail()}"
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "no server process under pgsvd serve"
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
@@ -152,11 +162,12 @@ def test_pgsvd_serve_answers_the_openai_client(tiny_ckpts, tmp_path):
         assert chat.usage.completion_tokens >= 1
         assert chat.choices[0].message.role == "assistant"
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=90) == 0, proc.stderr.read()[-4000:]
+        assert proc.wait(timeout=90) == 0, log_tail()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+        err.close()
     gone, alive = psutil.wait_procs(children, timeout=30)
     for c in alive:
         c.kill()
