@@ -96,7 +96,7 @@ async def load(url: str, model: str, prompts: list[list[int]], new_tokens: int,
             "ttft_ms": {"p50": 1e3 * percentile(ttft, 50), "p99": 1e3 * percentile(ttft, 99)},
             "itl_ms": {"p50": 1e3 * percentile(itl, 50), "p99": 1e3 * percentile(itl, 99),
                        "mean": 1e3 * statistics.fmean(itl) if itl else float("nan")},
-            "itl_gaps_ms": [1e3 * x for x in itl],
+            "itl_gaps_ms": [round(1e3 * x, 3) for x in itl],  # to the microsecond
             "tokens": [r["tokens"] if isinstance(r, dict) else [] for r in res]}
 
 
