@@ -31,8 +31,9 @@
 // 64 FLOP a cycle); folding the pair broadcasts into the instructions' memory operands (as
 // oneDNN does) made no measurable difference there.
 // On AVX2 without AVX-512 (AMD Zen 2/3) fp32 runs the same layout in the tiles of
-// packed_avx2.h (3 rows x one panel: 16 registers); bf16 there has no tiles (no VDPBF16PS) and
-// the op unpacks. Measured as an AVX2 CPU on the Zen 4 (benchmarks/bench_layers.py --isa avx2,
+// packed_avx2.h (3 rows x one panel: 16 registers); bf16 there (no VDPBF16PS: also Intel CPUs
+// with AVX-512 but not its BF16) in that file's bf16 tiles, each pair widened to fp32 (2 rows x
+// one panel). Measured as an AVX2 CPU on the Zen 4 (benchmarks/bench_layers.py --isa avx2,
 // SmolLM2-135M pgsvd-40 fp32; results ...-as-avx2-2026-12-07-layers-*): 1.2-2.1x the unpacked
 // AVX2 path (decode kernels, then MKL) at M = 1-256, 2.7x-1.5x vLLM's dense GEMMs.
 // On Intel CPUs with AMX-BF16, bf16 calls of at least min_rows rows (16) can run in the AMX
@@ -116,7 +117,7 @@ inline void share(int64_t n, int64_t tid, int64_t nthr, int64_t& b, int64_t& e) 
 }
 
 // Which register tiles serve a call (panels() below).
-enum class Tiles { kAvx512, kAvx2, kAmx, kAmxEmu };
+enum class Tiles { kAvx512, kAvx2, kAmx, kAmxEmu, kLibrary };  // kLibrary: the op unpacks
 
 // AMX for bf16 calls of at least g_amx_min_rows rows, where set_amx() enabled it: 0 off (the
 // default until the tiles are measured on an AMX CPU: issue 31), 1 the hardware, 2 emulated.
@@ -244,8 +245,8 @@ void panel_rows(int64_t rows, int64_t npanels, const E* a, int64_t lda, int64_t 
 }
 
 // Panels [p0, p1) of one matrix for `rows` rows: two at a time (tiles of up to 6 rows x 64
-// columns), the last one alone (up to 12 x 32) where their number is odd; with kAvx2 (fp32 only)
-// one at a time in the tiles of packed_avx2.h; with kAmx (bf16 only) in the AMX tiles of
+// columns), the last one alone (up to 12 x 32) where their number is odd; with kAvx2 one at a
+// time in the tiles of packed_avx2.h; with kAmx (bf16 only) in the AMX tiles of
 // packed_amx.h (kAmxEmu: the same code, the tile instructions emulated).
 template <typename E>
 void panels(Tiles tiles, int64_t p0, int64_t p1, int64_t rows, const E* a, int64_t lda,
@@ -257,13 +258,11 @@ void panels(Tiles tiles, int64_t p0, int64_t p1, int64_t rows, const E* a, int64
     if (tiles == Tiles::kAmxEmu)
       return amx::panels<amx::Emu>(p0, p1, rows, a, lda, steps, b, psize, bias, ncols, out, ldo);
   }
-  if constexpr (std::is_same_v<E, float>) {
-    if (tiles == Tiles::kAvx2) {
-      for (int64_t p = p0; p < p1; ++p)
-        avx2::panel_rows(rows, a, lda, steps, b + p * psize, bias ? bias + p * kPanel : nullptr,
-                         std::min(kPanel, ncols - p * kPanel), out + p * kPanel, ldo, kChunkF32);
-      return;
-    }
+  if (tiles == Tiles::kAvx2) {
+    for (int64_t p = p0; p < p1; ++p)
+      avx2::panel_rows<E>(rows, a, lda, steps, b + p * psize, bias ? bias + p * kPanel : nullptr,
+                          std::min(kPanel, ncols - p * kPanel), out + p * kPanel, ldo, kChunkF32);
+    return;
   }
   for (int64_t p = p0; p < p1;) {
     const int64_t np = p + 1 < p1 ? 2 : 1;
@@ -352,20 +351,29 @@ void run(Tiles tiles, const E* x, int64_t ldx, int64_t M, const E* w, const Layo
 #endif
 }
 
-// Which tiles serve: AVX-512 where the CPU has them (bf16: AVX512-BF16), else AVX2 for fp32;
-// decode::force_avx2 takes AVX2 wherever the CPU runs it (no AVX2 tiles for bf16: none then).
+// Which tiles serve: AVX-512 where the CPU has them (bf16: AVX512-BF16), else AVX2;
+// decode::force_avx2 takes AVX2 wherever the CPU runs it.
 bool f32_avx512() { return !decode::avx2_only() && has_avx512f(); }
+bool bf16_avx512() { return !decode::avx2_only() && cpu_ok(); }
 
 bool kernels_for(at::ScalarType dt) {
-  if (dt == at::kBFloat16) return !decode::avx2_only() && cpu_ok();
+  if (dt == at::kBFloat16) return bf16_avx512() || decode::has_avx2();
   if (dt == at::kFloat) return f32_avx512() || decode::has_avx2();
   return false;
 }
 
+// bf16 on the AVX2 tiles (2 rows x 32 columns, each pair widened) against the unpacked op's
+// library GEMMs, SmolLM2-135M pgsvd-40 linears on an AMD EPYC Zen 3 (benchmarks/results/
+// cpu-amd-epyc-avx2-2026-12-07-layers-smollm2-pgsvd-40-bfloat16-tiles.md): 1.35 / 1.65 / 3.9 /
+// 1.25x as fast at M = 1 / 4 / 16 / 64, 0.93x at 256; from 256 rows the op unpacks.
+constexpr int64_t kAvx2Bf16MaxRows = 255;
+
 // The tiles that serve a call of M rows where kernels_for(dt): bf16 on AMX from
-// g_amx_min_rows rows where enabled, else AVX-512; fp32 on AVX-512, else AVX2.
+// g_amx_min_rows rows where enabled (emulated AMX too needs AVX512-BF16), else AVX-512; without
+// AVX512-BF16 (fp32: AVX-512 F) AVX2, bf16 up to kAvx2Bf16MaxRows rows.
 Tiles tiles_for(at::ScalarType dt, int64_t M) {
   if (dt == at::kFloat) return f32_avx512() ? Tiles::kAvx512 : Tiles::kAvx2;
+  if (!bf16_avx512()) return M <= kAvx2Bf16MaxRows ? Tiles::kAvx2 : Tiles::kLibrary;
   const int mode = g_amx.load(std::memory_order_relaxed);
   if (mode == 0 || M < g_amx_min_rows.load(std::memory_order_relaxed)) return Tiles::kAvx512;
   return mode == 1 ? Tiles::kAmx : Tiles::kAmxEmu;
@@ -426,6 +434,7 @@ std::string isa(bool bf16, int64_t rows) {
     case Tiles::kAvx2: return "avx2";
     case Tiles::kAmx: return "amx";
     case Tiles::kAmxEmu: return "amx-emulated";
+    case Tiles::kLibrary: return "none";
     case Tiles::kAvx512: break;
   }
 #endif
@@ -469,6 +478,10 @@ at::Tensor lowrank_matmul_packed_cpu(const at::Tensor& x, const at::Tensor& w,
   shape.back() = L.n_total();
   at::Tensor x2 = x.reshape({M, L.K});
   if (!kernels_for(x.scalar_type())) return unpacked(x2, w, L, bias).view(shape);
+#ifdef PGSVD_BF16_X86
+  const Tiles tiles = tiles_for(x.scalar_type(), M);
+  if (tiles == Tiles::kLibrary) return unpacked(x2, w, L, bias).view(shape);
+#endif
   at::Tensor y = pooled_empty({M, L.n_total()}, x.options());  // resident pages, see there
   if (M == 0) return y.view(shape);
 #ifdef PGSVD_BF16_X86
@@ -481,12 +494,12 @@ at::Tensor lowrank_matmul_packed_cpu(const at::Tensor& x, const at::Tensor& w,
   }
   if (kp == 2) {
     using E = c10::BFloat16;
-    run<uint16_t>(tiles_for(x.scalar_type(), M), reinterpret_cast<const uint16_t*>(x2.data_ptr<E>()), x2.stride(0), M,
+    run<uint16_t>(tiles, reinterpret_cast<const uint16_t*>(x2.data_ptr<E>()), x2.stride(0), M,
                   reinterpret_cast<const uint16_t*>(wc.data_ptr<E>()), L,
                   bc.defined() ? reinterpret_cast<const uint16_t*>(bc.data_ptr<E>()) : nullptr,
                   reinterpret_cast<uint16_t*>(y.data_ptr<E>()), L.n_total());
   } else {
-    run<float>(tiles_for(x.scalar_type(), M), x2.data_ptr<float>(), x2.stride(0), M, wc.data_ptr<float>(), L,
+    run<float>(tiles, x2.data_ptr<float>(), x2.stride(0), M, wc.data_ptr<float>(), L,
                bc.defined() ? bc.data_ptr<float>() : nullptr, y.data_ptr<float>(), L.n_total());
   }
 #endif

@@ -80,7 +80,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_isa", &pgsvd::packed::isa, pybind11::arg("bf16"),
         pybind11::arg("rows") = int64_t(1) << 40,
         "which tiles serve a lowrank_matmul_packed call of `rows` rows (default: a large call) "
-        "for bf16 (else fp32): avx512, avx2, amx, amx-emulated or none");
+        "for bf16 (else fp32): avx512, avx2, amx, amx-emulated or none (the op unpacks)");
   m.def("packed_amx", &pgsvd::packed::set_amx, pybind11::arg("mode"),
         pybind11::arg("min_rows") = 16,
         "serve bf16 lowrank_matmul_packed calls of >= min_rows rows with the AMX tiles: 'on' (the "

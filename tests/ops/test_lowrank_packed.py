@@ -7,7 +7,7 @@ kernels: M = 1..7 (6-row tiles of two panels; AVX2: 3-row tiles), 12-13 and 17 (
 where a panel is alone), 128-130 and 257 (128-row blocks); N and R around 32 (a panel, a pair;
 AVX2: 8-column vectors, masked tails), odd K (bf16's last pair), K = 1000 (fp32's 128-step
 chunks, summed in fp32), several groups sharing x. Every native case runs on the tiles this CPU
-picks, on the AVX2 tiles forced (fp32; bf16 has none: skipped, saying so), and for bf16 on the
+picks, on the AVX2 tiles forced (fp32, and bf16 widened to fp32), and for bf16 on the
 AMX tiles from one row on: emulated on every CPU with AVX512-BF16 (csrc/packed_amx.h: the code
 around the tile instructions; 16-row tiles, 16-step B tiles with zero-padded tails), and on the
 hardware where the CPU has AMX (skipped, saying so, elsewhere).
@@ -52,6 +52,8 @@ def isa(request):
     m = _native.module
     if request.param == "amx" and not m.amx_available():
         pytest.skip("no AMX: this CPU lacks AMX-TILE/AMX-BF16 or the kernel refused them")
+    if request.param == "amx-emulated" and not m.build_info()["cpu_avx512_bf16"]:
+        pytest.skip("the emulated AMX tiles run on AVX512-BF16, which this CPU lacks")
     m.decode_force_avx2(request.param == "avx2")
     if request.param.startswith("amx"):
         m.packed_amx("on" if request.param == "amx" else "emulate", 1)
@@ -221,12 +223,32 @@ def test_force_avx2_from_the_environment(value):
 
 
 @native
+def test_bf16_avx2_tiles_serve_up_to_255_rows():
+    """Without AVX512-BF16 (here forced) bf16 calls of up to 255 rows run on the AVX2 tiles; from
+    256 rows the op unpacks to library GEMMs, the measured crossing (kAvx2Bf16MaxRows in
+    csrc/lowrank_packed_cpu.cpp), and still answers to the rule."""
+    if not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("this CPU has no AVX2/FMA")
+    m = _native.module
+    m.decode_force_avx2(True)
+    try:
+        assert [m.packed_isa(True, r) for r in (1, 255, 256, 4096)] == ["avx2"] * 2 + ["none"] * 2
+        us, vs, b = _factors(66, [(40, 9), (33, 5)], torch.bfloat16, seed=5)
+        p = _packed(us, vs)
+        for M in (255, 256):
+            x = torch.randn(M, 66, generator=torch.Generator().manual_seed(M)).bfloat16()
+            _check_groups(ops.lowrank_matmul_packed(x, p, b), x, us, vs, b)
+    finally:
+        m.decode_force_avx2(False)
+
+
+@native
 def test_amx_serves_from_min_rows():
     """The AMX tiles take bf16 calls from min_rows rows (AVX-512 below; fp32 never); 'on' is
     refused, naming why, where the CPU or kernel has no AMX; bad settings are refused."""
     m = _native.module
-    if not m.packed_kernels(True):
-        pytest.skip(f"no packed bf16 kernels on this CPU ({m.build_info()})")
+    if not m.build_info()["cpu_avx512_bf16"]:
+        pytest.skip(f"no AVX512-BF16 tiles on this CPU, emulated AMX neither ({m.build_info()})")
     try:
         m.packed_amx("emulate", 16)
         assert [m.packed_isa(True, r) for r in (1, 15, 16, 64)] == (
@@ -264,4 +286,6 @@ def test_amx_from_the_environment(value):
     else:
         assert r.returncode == 0, r.stderr
         want = {"1": "amx", "emulate": "amx-emulated"}[value]
-        assert r.stdout.split()[-1] == (want if _native.module.packed_kernels(True) else "none")
+        if not _native.module.build_info()["cpu_avx512_bf16"]:
+            want = "none"  # emulation needs AVX512-BF16; a large call unpacks (AVX2 or none)
+        assert r.stdout.split()[-1] == want
