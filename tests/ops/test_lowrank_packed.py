@@ -3,7 +3,7 @@ kernels that read it (csrc/lowrank_packed_cpu.cpp).
 
 Each native case checks that the C++ kernel served it (its call counter) and holds every group's
 columns to the rule of tests/accuracy.py against fp64. The shapes cross every edge of the
-kernels: M = 1..7 (6-row tiles of two panels; AVX2: 3-row tiles), 12-13 and 17 (12-row tiles
+kernels: M = 1..7 (6-row tiles of two panels; AVX2: 3-row, bf16 2-row), 12-13 and 17 (12-row tiles
 where a panel is alone), 128-130 and 257 (128-row blocks); N and R around 32 (a panel, a pair;
 AVX2: 8-column vectors, masked tails), odd K (bf16's last pair), K = 1000 (fp32's 128-step
 chunks, summed in fp32), several groups sharing x. Every native case runs on the tiles this CPU
