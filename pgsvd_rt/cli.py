@@ -85,7 +85,7 @@ def _cmd_reproduce(args) -> dict:
                        task_limit=args.limit or None, text_file=args.text_file,
                        windows=args.windows, seq_len=args.seq_len, calib=calib,
                        progress=not args.json, long_windows=args.windows_2048,
-                       work_dir=args.work_dir)
+                       work_dir=args.work_dir, rows_from=args.rows_from)
     return {"files": result["files"], "wall_s": result["wall_s"],
             "rows": [{k: r.get(k) for k in ("method", "target_ratio", "achieved_ratio", "ppl")}
                      | {"avg_acc": r.get("zeroshot", {}).get("average_acc")}
@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--work-dir", default=None,
                    help="keep the calibration and finished rows here; the same command again "
                         "resumes where it stopped")
+    r.add_argument("--rows-from", default=None, metavar="RESULT_JSON",
+                   help="an earlier run's JSON (same calibration, windows and texts, perhaps "
+                        "another machine): its rows count as finished")
 
     i = sub.add_parser("info", help="ranks and ratio of a factored checkpoint")
     i.add_argument("dir")

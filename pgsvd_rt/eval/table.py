@@ -58,6 +58,7 @@ def quality_table(
     long_windows: int = 0,
     long_seq_len: int = LONG_SEQ_LEN,
     work_dir=None,
+    earlier: dict | None = None,
 ) -> dict:
     """Compress copies of ``dense`` with every method at every ratio and score them.
 
@@ -76,12 +77,16 @@ def quality_table(
             shot tasks may differ: a finished row without the ones asked gets them (the dense
             row is scored, a compressed row compressed again).
             Without it, ``calib.blocks_per_pass`` puts the statistics in a temporary directory.
+        earlier: an earlier run's result (its JSON, perhaps from another machine): its rows
+            count as finished, as the work directory's do (those take precedence); its
+            calibration, windows and texts must equal this run's. The rows a long table still
+            lacks can so be computed one session at a time.
 
     Returns:
         {"calibration", "rows": [...]} with one dense row and one row per (method, ratio).
     """
     args = (dense, tokenizer, texts, methods, ratios, calib, windows, seq_len, progress, tasks,
-            task_limit, task_batch_size, (long_windows, long_seq_len))
+            task_limit, task_batch_size, (long_windows, long_seq_len), earlier)
     if work_dir is not None or calib.blocks_per_pass is None:
         return _table(*args, None if work_dir is None else Path(work_dir))
     with tempfile.TemporaryDirectory(prefix="pgsvd-table-") as tmp:
@@ -95,8 +100,19 @@ def _fingerprint(model: nn.Module) -> dict:
     return {"parameters": sum(p.numel() for p in model.parameters()), "checksum": total}
 
 
+def _settings_of(result: dict) -> dict:
+    """The settings a finished table's rows share (:func:`_table`'s, less the model's
+    fingerprint, which older results lack), from its result."""
+    long = [result["long_windows"], result["long_seq_len"]]
+    suffix = f"@{long[1]}" if long[0] else None
+    return {"calibration": {k: v for k, v in result["calibration"].items()
+                            if k not in ("wall_s", "blocks_per_pass")},
+            "windows": result["windows"], "seq_len": result["seq_len"], "long": long,
+            "texts": [t for t in result["rows"][0]["ppl"] if not (suffix and t.endswith(suffix))]}
+
+
 def _table(dense, tokenizer, texts, methods, ratios, calib, windows, seq_len, progress, tasks,
-           task_limit, task_batch_size, long, work_dir):
+           task_limit, task_batch_size, long, earlier, work_dir):
     long_windows, long_seq_len = long
     t0 = time.perf_counter()
     model_id = _fingerprint(dense)
@@ -115,13 +131,21 @@ def _table(dense, tokenizer, texts, methods, ratios, calib, windows, seq_len, pr
                 "long": [long_windows, long_seq_len], "texts": list(texts), "model": model_id}
     rows_file = None if work_dir is None else work_dir / "rows.json"
     done: dict = {}
+    if earlier is not None:
+        check_same(_settings_of(earlier), {k: v for k, v in settings.items() if k != "model"},
+                   "the earlier result")
+        if earlier.get("fingerprint", model_id)["parameters"] != model_id["parameters"]:
+            raise ValueError("the earlier result was made from another model "
+                             f"({earlier['fingerprint']['parameters']} parameters, this one "
+                             f"{model_id['parameters']})")
+        done = {(r["method"], r.get("target_ratio")): r for r in earlier["rows"]}
     if rows_file is not None and rows_file.is_file():
         saved = json.loads(rows_file.read_text())
         check_same({k: v for k, v in saved["settings"].items()
                     if k not in ("tasks", "task_limit")},  # files written before rows had them
                    settings, str(rows_file))
-        done = {(r["method"], r.get("target_ratio")): r for r in saved["rows"]}
-        log.info("%d finished rows found in %s", len(done), rows_file)
+        done |= {(r["method"], r.get("target_ratio")): r for r in saved["rows"]}
+        log.info("%d finished rows found in %s", len(saved["rows"]), rows_file)
 
     bos = data.bos_id(tokenizer)
 
@@ -195,7 +219,7 @@ def _table(dense, tokenizer, texts, methods, ratios, calib, windows, seq_len, pr
     return {"calibration": provenance | {"wall_s": calib_s,
                                          "blocks_per_pass": calib.blocks_per_pass},
             "windows": windows, "seq_len": seq_len, "long_windows": long_windows,
-            "long_seq_len": long_seq_len,
+            "long_seq_len": long_seq_len, "fingerprint": model_id,
             "bos": bos is not None, "rows": rows,
             "resumed_rows": len(reuse),
             "tasks": list(tasks or []), "task_limit": task_limit}
@@ -286,6 +310,7 @@ def reproduce(
     name: str = "reproduce",
     long_windows: int = 0,
     work_dir=None,
+    rows_from=None,
 ) -> dict:
     """The paper's Table 1 shape: perplexity + average zero-shot accuracy for every method × ratio.
 
@@ -293,7 +318,8 @@ def reproduce(
     ``-ppl.png``; returns the result. Perplexity: WikiText-2 when ``text_file`` exists, else the
     held-out wiki slice; ``heldout`` adds the held-out slice as a second column. ``tasks=()``
     scores no zero-shot task (None: :data:`pgsvd_rt.eval.zeroshot.DEFAULT_TASKS`).
-    ``long_windows`` and ``work_dir`` (resume a long run): see :func:`quality_table`.
+    ``long_windows`` and ``work_dir`` (resume a long run): see :func:`quality_table`;
+    ``rows_from``: an earlier run's JSON whose rows count as finished (``earlier`` there).
     """
     import datetime
     import resource
@@ -306,6 +332,9 @@ def reproduce(
     tasks = DEFAULT_TASKS if tasks is None else tuple(tasks)
     calib = calib or CalibConfig()
     dense, tok, source = models.load(model)
+    earlier = None if rows_from is None else json.loads(Path(rows_from).read_text())
+    if earlier is not None and earlier["model"] != source.describe():
+        raise ValueError(f"{rows_from} scored {earlier['model']!r}, not {source.describe()!r}")
     texts = {}
     if text_file and Path(text_file).is_file():
         texts["wikitext2"] = data.eval_ids(tok, text_file)[0]
@@ -317,7 +346,7 @@ def reproduce(
     result = quality_table(dense, tok, texts, list(methods), list(ratios), calib,
                            windows=windows, seq_len=seq_len, progress=progress,
                            tasks=list(tasks), task_limit=task_limit,
-                           long_windows=long_windows, work_dir=work_dir)
+                           long_windows=long_windows, work_dir=work_dir, earlier=earlier)
     date = datetime.date.today().isoformat()
     prog = Path(sys.argv[0]).name
     command = shlex.join(["pgsvd" if prog in ("cli.py", "pgsvd") else prog, *sys.argv[1:]])
@@ -331,8 +360,14 @@ def reproduce(
     stem = f"cpu-{date}-{name}-{model.replace('/', '_')}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     plotted = plot_perplexity(result, out / f"{stem}-ppl.png", corpus)
+    if earlier is not None:
+        result["rows_from"] = {"file": str(rows_from), "device": earlier["device"],
+                               "date": earlier["date"], "command": earlier["command"]}
     resumed = (" (this run; finished rows were reused from an earlier one, each row keeps "
                "its own compress time)" if result.get("resumed_rows") else "")
+    if earlier is not None:
+        resumed += (f"; rows not computed here come from `{Path(rows_from).name}` "
+                    f"({earlier['device']}, {earlier['date']}) or from rows it reused")
     # Zero-shot as the rows have it (a resumed row may have been scored by an earlier run).
     scored = [r["zeroshot"] for r in result["rows"] if r.get("zeroshot")]
     zs_txt = ""

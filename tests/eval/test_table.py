@@ -174,3 +174,54 @@ def test_work_dir_adds_zero_shot_tasks_to_finished_rows(tiny_model_dir, text_fil
     pgsvd_line = next(line for line in md.splitlines() if line.startswith("| pgsvd |"))
     ppl = f"{saved['pgsvd']['ppl']['wikitext2']:.2f}"
     assert "piqa acc" in md and f"| {ppl} | | | " in pgsvd_line, pgsvd_line
+
+
+def test_rows_from_an_earlier_result_resume_a_table_on_another_machine(tiny_model_dir, text_file,
+                                                                         tmp_path, monkeypatch):
+    """`reproduce --rows-from FILE.json`: an earlier run's committed JSON (its work directory
+    gone) seeds a fresh one: its rows count as finished, a row lacking the tasks asked is
+    computed again, and a result of other settings or of another model is refused."""
+    import pgsvd_rt.eval.table as table
+
+    kw = dict(model=str(tiny_model_dir), methods=("svd-llm", "pgsvd"), ratios=(0.3,), tasks=(),
+              text_file=str(text_file), windows=2, seq_len=32, progress=False,
+              calib=CalibConfig(samples=4, seq_len=32, blocks_per_pass=1))
+    first = reproduce(tmp_path / "a", name="a", work_dir=tmp_path / "w1", **kw)
+    earlier = first["files"][0]
+    assert first["fingerprint"]["parameters"] > 0
+
+    calls = []
+    real_compress = table.compress_
+
+    def counting(model, config, **k):
+        calls.append(config.method)
+        return real_compress(model, config, **k)
+    monkeypatch.setattr(table, "compress_", counting)
+    # A fresh machine: new work directory; pgsvd scored with a task, svd-llm kept as it was.
+    part = reproduce(tmp_path / "b", name="b", work_dir=tmp_path / "w2", rows_from=earlier,
+                     **(kw | {"methods": ("pgsvd",), "tasks": ("piqa",), "task_limit": 2}))
+    assert calls == ["pgsvd"]
+    assert part["rows"][1]["ppl"] == pytest.approx(first["rows"][2]["ppl"], rel=1e-6)
+    assert all(r["zeroshot"]["tasks"]["piqa"]["n"] == 2 for r in part["rows"])
+    assert part["rows_from"]["file"] == str(earlier)
+    md = next((tmp_path / "b").glob("*.md")).read_text()
+    assert "rows not computed here come from `cpu-" in md
+    # The whole table from the new work directory: nothing computed, svd-llm still unscored.
+    whole = reproduce(tmp_path / "c", name="c", work_dir=tmp_path / "w2", **kw)
+    assert calls == ["pgsvd"]
+    assert [(r["method"], bool(r.get("zeroshot"))) for r in whole["rows"]] == [
+        ("dense", True), ("svd-llm", False), ("pgsvd", True)]
+    assert whole["rows"][1]["ppl"] == first["rows"][1]["ppl"]
+
+    with pytest.raises(ValueError, match=r"differs in \['windows'\]"):
+        reproduce(tmp_path / "d", name="d", rows_from=earlier, **(kw | {"windows": 3}))
+    other = json.loads(open(earlier).read())
+    other["model"] = "another model"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="scored 'another model'"):
+        reproduce(tmp_path / "e", name="e", rows_from=tmp_path / "other.json", **kw)
+    other["model"] = first["model"]
+    other["fingerprint"]["parameters"] += 1
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="made from another model"):
+        reproduce(tmp_path / "f", name="f", rows_from=tmp_path / "other.json", **kw)
