@@ -24,6 +24,7 @@ from pgsvd_rt.compress import calibrate, compress_
 from pgsvd_rt.compress.pipeline import calibration_tokens
 from pgsvd_rt.compress.stats_store import calibrate_to_disk, check_same, write_json
 from pgsvd_rt.config import CalibConfig, CompressConfig
+from pgsvd_rt.device import device_name
 from pgsvd_rt.eval.perplexity import perplexity
 from pgsvd_rt.eval.zeroshot import evaluate_tasks
 
@@ -148,6 +149,7 @@ def _table(dense, tokenizer, texts, methods, ratios, calib, windows, seq_len, pr
         log.info("%d finished rows found in %s", len(saved["rows"]), rows_file)
 
     bos = data.bos_id(tokenizer)
+    machine = device_name("cpu")  # each row computed here says where (rows may be merged)
 
     def score(model):
         ppl = {name: perplexity(model, ids, seq_len, windows, bos_id=bos)["ppl"]
@@ -184,7 +186,8 @@ def _table(dense, tokenizer, texts, methods, ratios, calib, windows, seq_len, pr
     selected = [(m, r) for r in ratios for m in methods]
     reuse = {key for key in [("dense", None), *selected] if key in done}
     reuse -= {key for key in selected if key in reuse and not has_tasks(done[key])}
-    dense_row = done.get(("dense", None)) or {"method": "dense", "ppl": score(dense)}
+    dense_row = done.get(("dense", None)) or {"method": "dense", "device": machine,
+                                               "ppl": score(dense)}
     finish(dense_row if has_tasks(dense_row) else dense_row | zeroshot(dense))
     for ratio in ratios:
         for method in methods:
@@ -200,7 +203,8 @@ def _table(dense, tokenizer, texts, methods, ratios, calib, windows, seq_len, pr
                                calibration=provenance, compare_closed_form=(method == "pgsvd"),
                                progress=progress)
             compress_s = time.perf_counter() - t + calib_s * config.needs_grams
-            row = report.summary() | {"compress_s_incl_calibration": compress_s,
+            row = report.summary() | {"device": machine,
+                                      "compress_s_incl_calibration": compress_s,
                                       "peak_rss_bytes": report.timings.get("peak_rss_bytes"),
                                       "ppl": score(model)} | zeroshot(model)
             del row["calibration"]
@@ -325,7 +329,6 @@ def reproduce(
     import resource
 
     from pgsvd_rt import models
-    from pgsvd_rt.device import device_name
     from pgsvd_rt.eval.zeroshot import DEFAULT_TASKS
 
     t0 = time.perf_counter()
@@ -365,9 +368,18 @@ def reproduce(
                                "date": earlier["date"], "command": earlier["command"]}
     resumed = (" (this run; finished rows were reused from an earlier one, each row keeps "
                "its own compress time)" if result.get("resumed_rows") else "")
-    if earlier is not None:
-        resumed += (f"; rows not computed here come from `{Path(rows_from).name}` "
-                    f"({earlier['device']}, {earlier['date']}) or from rows it reused")
+    elsewhere: dict[str, list[str]] = {}  # a row without its device: the earlier file's, or here
+    for r in result["rows"]:
+        where = r.get("device") or (earlier or {}).get("device") or result["device"]
+        if where != result["device"]:
+            elsewhere.setdefault(where, []).append(
+                r["method"] + ("" if r["method"] == "dense" else f" {r['target_ratio']:.2f}"))
+    if elsewhere:
+        resumed += "; rows computed on another machine" + "".join(
+            f" ({where}: {', '.join(rows)})" for where, rows in elsewhere.items())
+        if earlier is not None:
+            resumed += f", reused from `{Path(rows_from).name}`"
+
     # Zero-shot as the rows have it (a resumed row may have been scored by an earlier run).
     scored = [r["zeroshot"] for r in result["rows"] if r.get("zeroshot")]
     zs_txt = ""

@@ -204,8 +204,7 @@ def test_rows_from_an_earlier_result_resume_a_table_on_another_machine(tiny_mode
     assert part["rows"][1]["ppl"] == pytest.approx(first["rows"][2]["ppl"], rel=1e-6)
     assert all(r["zeroshot"]["tasks"]["piqa"]["n"] == 2 for r in part["rows"])
     assert part["rows_from"]["file"] == str(earlier)
-    md = next((tmp_path / "b").glob("*.md")).read_text()
-    assert "rows not computed here come from `cpu-" in md
+    assert "another machine" not in next((tmp_path / "b").glob("*.md")).read_text()
     # The whole table from the new work directory: nothing computed, svd-llm still unscored.
     whole = reproduce(tmp_path / "c", name="c", work_dir=tmp_path / "w2", **kw)
     assert calls == ["pgsvd"]
@@ -215,7 +214,16 @@ def test_rows_from_an_earlier_result_resume_a_table_on_another_machine(tiny_mode
 
     with pytest.raises(ValueError, match=r"differs in \['windows'\]"):
         reproduce(tmp_path / "d", name="d", rows_from=earlier, **(kw | {"windows": 3}))
+    # Rows made on another machine (an older file's rows name none: the file's device) say so.
     other = json.loads(open(earlier).read())
+    other["device"] = "CPU: elsewhere"
+    for r in other["rows"]:
+        r.pop("device")
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    reproduce(tmp_path / "g", name="g", rows_from=tmp_path / "other.json",
+              **(kw | {"methods": ("pgsvd",)}))
+    md = next((tmp_path / "g").glob("*.md")).read_text()
+    assert "rows computed on another machine (CPU: elsewhere: dense, pgsvd 0.30)" in md, md
     other["model"] = "another model"
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="scored 'another model'"):
