@@ -93,6 +93,7 @@ def build_variants(a, dense, tok) -> tuple[dict, dict]:
     calib = CalibConfig(samples=a.calib_samples, seq_len=a.seq_len)
     stats, prov = calibrate(dense, tok, calib, progress=False)
     out, info = {"dense": dense.to(torch.bfloat16)}, {}
+    compressed: dict = {}  # base spec -> (fp32 model as compressed, report)
     for spec in a.variants:
         if spec.startswith("torchao-"):
             try:
@@ -104,11 +105,15 @@ def build_variants(a, dense, tok) -> tuple[dict, dict]:
         if spec == "dense":
             continue
         base, _, heal = spec.partition("~heal")
-        ratio = int(base.split("-")[1].split("+")[0]) / 100
-        model = copy.deepcopy(dense).float()
-        report = compress_(model, CompressConfig(method="pgsvd", ratio=ratio,
-                                                 int8=base.endswith("+int8"), calib=calib),
-                           stats=stats, calibration=prov, progress=False)
+        if base not in compressed:  # once per base: its zero-shot and healed variants share it
+            ratio = int(base.split("-")[1].split("+")[0]) / 100
+            model = copy.deepcopy(dense).float()
+            compressed[base] = model, compress_(
+                model, CompressConfig(method="pgsvd", ratio=ratio, int8=base.endswith("+int8"),
+                                      calib=calib),
+                stats=stats, calibration=prov, progress=False)
+        model, report = compressed[base]
+        model = copy.deepcopy(model)  # fp32; the cached one stays as compressed
         if heal:
             hc = HealConfig(steps=int(heal), batch_size=a.heal_batch, seq_len=a.heal_seq_len,
                             lr=a.heal_lr)
