@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import logging
 import os
@@ -89,29 +90,28 @@ def torchao_variant(dense: nn.Module, kind: str) -> nn.Module:
 
 
 def build_variants(a, dense, tok) -> tuple[dict, dict]:
-    """name -> model (bf16, eval), and name -> compression summary (PGSVD variants)."""
+    """name -> model (bf16, eval), in ``a.variants``' order, and name -> compression summary
+    (PGSVD variants).
+
+    Memory (a 0.5B model's heal must fit 24 GiB with the rest): every PGSVD base is compressed
+    once, first; the Grams are freed before any heal (which holds a teacher, a student, AdamW's
+    state and the logits); torchao's variants are built last."""
     calib = CalibConfig(samples=a.calib_samples, seq_len=a.seq_len)
     stats, prov = calibrate(dense, tok, calib, progress=False)
-    out, info = {"dense": dense.to(torch.bfloat16)}, {}
+    pgsvd_specs = [s for s in a.variants if s != "dense" and not s.startswith("torchao-")]
     compressed: dict = {}  # base spec -> (fp32 model as compressed, report)
-    for spec in a.variants:
-        if spec.startswith("torchao-"):
-            try:
-                out[spec] = torchao_variant(dense, spec.removeprefix("torchao-"))
-            except Exception as exc:  # noqa: BLE001 - a peer that does not run here is reported
-                log.warning("%s does not run here: %s", spec, exc)
-                info[spec] = {"error": f"{type(exc).__name__}: {exc}"}
-            continue
-        if spec == "dense":
-            continue
+    for base in dict.fromkeys(s.partition("~heal")[0] for s in pgsvd_specs):
+        ratio = int(base.split("-")[1].split("+")[0]) / 100
+        model = copy.deepcopy(dense).float()
+        compressed[base] = model, compress_(
+            model, CompressConfig(method="pgsvd", ratio=ratio, int8=base.endswith("+int8"),
+                                  calib=calib),
+            stats=stats, calibration=prov, progress=False)
+    del stats
+    gc.collect()
+    out, info = {"dense": dense.to(torch.bfloat16)}, {}
+    for spec in pgsvd_specs:
         base, _, heal = spec.partition("~heal")
-        if base not in compressed:  # once per base: its zero-shot and healed variants share it
-            ratio = int(base.split("-")[1].split("+")[0]) / 100
-            model = copy.deepcopy(dense).float()
-            compressed[base] = model, compress_(
-                model, CompressConfig(method="pgsvd", ratio=ratio, int8=base.endswith("+int8"),
-                                      calib=calib),
-                stats=stats, calibration=prov, progress=False)
         model, report = compressed[base]
         model = copy.deepcopy(model)  # fp32; the cached one stays as compressed
         if heal:
@@ -123,6 +123,7 @@ def build_variants(a, dense, tok) -> tuple[dict, dict]:
                           "heal_kl_last": h.kl_last, "heal_bf16": h.bf16}
             log.info("%s: healed %d steps, %.1f s/step, KL %.3f -> %.3f", spec, h.steps,
                      h.s_per_step, h.kl_first, h.kl_last)
+            gc.collect()
         out[spec] = model.to(torch.bfloat16).eval()
         errs = [r.int8_rel_error for r in report.layers if r.int8_rel_error is not None]
         clips = [c for r in report.layers if r.int8_clip for c in r.int8_clip]
@@ -133,7 +134,14 @@ def build_variants(a, dense, tok) -> tuple[dict, dict]:
                            "int8_rel_error_max": max(errs), "layers": len(errs),
                            "clip_share_below_1": sum(c < 1 for c in clips) / len(clips),
                            "clips_seen": sorted(set(clips))}
-    return out, info
+    del compressed
+    for spec in (s for s in a.variants if s.startswith("torchao-")):
+        try:
+            out[spec] = torchao_variant(dense, spec.removeprefix("torchao-"))
+        except Exception as exc:  # noqa: BLE001 - a peer that does not run here is reported
+            log.warning("%s does not run here: %s", spec, exc)
+            info[spec] = {"error": f"{type(exc).__name__}: {exc}"}
+    return {s: out[s] for s in dict.fromkeys(["dense", *a.variants]) if s in out}, info
 
 
 def decode_timer(model, vocab: int, new: int, compiled: bool):
